@@ -1,0 +1,3 @@
+"""reexec: a remote build execution service speaking REAPI v2."""
+
+__version__ = "0.1.0"
