@@ -1,0 +1,144 @@
+"""FastSlowStore: reads try `fast` first and fill it from `slow`; writes go to both."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+
+from reexec.cas.digest import Digest
+from reexec.cas.store import READ_CHUNK, BlobNotFound, BlobReader, BlobWriter, Store
+
+
+class FastSlowStore(Store):
+    def __init__(self, fast: Store, slow: Store) -> None:
+        self.fast = fast
+        self.slow = slow
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        not_fast = await self.fast.find_missing(digests)
+        if not not_fast:
+            return []
+        return await self.slow.find_missing(not_fast)
+
+    @asynccontextmanager
+    async def open_read(self, digest: Digest, offset: int = 0) -> AsyncIterator[BlobReader]:
+        try:
+            async with self.fast.open_read(digest, offset) as reader:
+                yield reader
+                return
+        except BlobNotFound:
+            pass
+        if offset:
+            # A partial read cannot fill the fast store; fetch the whole blob first.
+            await self._fill(digest)
+            async with self.fast.open_read(digest, offset) as reader:
+                yield reader
+            return
+        async with self.slow.open_read(digest) as slow_reader:
+            writer = await self.fast.open_write(digest)
+            tee = _TeeReader(slow_reader, writer)
+            try:
+                yield tee
+            finally:
+                with trio.CancelScope(shield=True):
+                    await tee.finish()
+
+    async def _fill(self, digest: Digest) -> None:
+        async with self.slow.open_read(digest) as reader:
+            writer = await self.fast.open_write(digest)
+            try:
+                while chunk := await reader.read(READ_CHUNK):
+                    await writer.write(chunk)
+                await writer.commit()
+            except BaseException:
+                await writer.abort()
+                raise
+
+    async def get_bytes(self, digest: Digest) -> bytes:
+        try:
+            return await self.fast.get_bytes(digest)
+        except BlobNotFound:
+            data = await self.slow.get_bytes(digest)
+            await self.fast.put_bytes(digest, data)
+            return data
+
+    async def open_write(self, digest: Digest) -> BlobWriter:
+        return _BothWriter(
+            digest, await self.fast.open_write(digest), await self.slow.open_write(digest)
+        )
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.slow.put_bytes, digest, data)
+            nursery.start_soon(self.fast.put_bytes, digest, data)
+
+    async def aclose(self) -> None:
+        await self.fast.aclose()
+        await self.slow.aclose()
+
+    def stats(self) -> dict[str, int]:
+        return {f"fast_{k}": v for k, v in self.fast.stats().items()} | {
+            f"slow_{k}": v for k, v in self.slow.stats().items()
+        }
+
+
+class _TeeReader:
+    """Reads from the slow store and copies what it reads into the fast store."""
+
+    def __init__(self, reader: BlobReader, writer: BlobWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.size = reader.size
+        self._complete = False
+        self._failed = False
+
+    async def read(self, n: int = READ_CHUNK) -> bytes:
+        chunk = await self._reader.read(n)
+        if chunk:
+            if not self._failed:
+                try:
+                    await self._writer.write(chunk)
+                except Exception:
+                    self._failed = True
+        else:
+            self._complete = True
+        return chunk
+
+    async def finish(self) -> None:
+        if self._complete and not self._failed:
+            try:
+                await self._writer.commit()
+                return
+            except Exception:
+                pass
+        await self._writer.abort()
+
+
+class _BothWriter:
+    def __init__(self, digest: Digest, fast: BlobWriter, slow: BlobWriter) -> None:
+        self.digest = digest
+        self._fast = fast
+        self._slow = slow
+
+    @property
+    def committed_size(self) -> int:
+        return self._slow.committed_size
+
+    async def write(self, data: bytes) -> None:
+        await self._slow.write(data)
+        await self._fast.write(data)
+
+    async def commit(self) -> None:
+        # The slow store is the source of truth: commit it first so the fast store never holds
+        # a blob the slow one refused.
+        await self._slow.commit()
+        try:
+            await self._fast.commit()
+        except Exception:
+            await self._fast.abort()
+
+    async def abort(self) -> None:
+        await self._slow.abort()
+        await self._fast.abort()

@@ -1,0 +1,346 @@
+"""FilesystemStore: one read-only file per blob under sharded directories.
+
+Layout under `root`:
+    blobs/{function}/{hash[:2]}/{hash}-{size}   committed blobs, mode 0444
+    tmp/                                        uploads in progress
+A blob becomes visible only by rename(2) of a complete temp file, so a crash (even SIGKILL)
+never leaves a partial blob under blobs/. On start the index is rebuilt from file names and
+sizes alone (no content is read); files whose size disagrees with their name are removed.
+Least recently used blobs are evicted beyond `max_bytes`; blobs being read are pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from reexec.cas.digest import Digest, DigestFunction, is_empty
+from reexec.cas.lru import LruIndex
+from reexec.cas.store import (
+    READ_CHUNK,
+    BlobNotFound,
+    BlobReader,
+    BytesReader,
+    Store,
+    check_offset,
+    dedupe,
+)
+from reexec.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+# Writes are gathered into chunks of this size before a thread writes them: one thread hop per
+# MiB instead of one per client chunk (Bazel sends 16 KiB chunks).
+WRITE_BUFFER = 1 << 20
+
+
+class FilesystemStore(Store):
+    def __init__(
+        self, root: str | os.PathLike[str], max_bytes: int, *, fsync: bool = False
+    ) -> None:
+        self.root = Path(root)
+        self._blobs_dir = self.root / "blobs"
+        self._tmp_dir = self.root / "tmp"
+        self._fsync = fsync
+        self._lru: LruIndex[Digest] = LruIndex(max_bytes)
+        # Renames into blobs/ and unlinks of evicted blobs are serialised so an eviction's
+        # unlink can never remove a file that a concurrent upload just renamed into place.
+        self._mutate = trio.Lock()
+        self._started = False
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the directories and rebuild the index from the file names on disk."""
+        entries = await trio.to_thread.run_sync(self._scan)
+        for _, digest in entries:
+            self._lru.add(digest, digest.size)
+        self._started = True
+        victims = self._lru.take_evictions()
+        if victims:
+            await trio.to_thread.run_sync(self._unlink_all, victims)
+        log.info(
+            "filesystem store %s: %d blobs, %d bytes (max %d)",
+            self.root,
+            len(self._lru),
+            self._lru.total_bytes,
+            self._lru.max_bytes,
+        )
+
+    def _scan(self) -> list[tuple[int, Digest]]:
+        self._blobs_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in os.scandir(self._tmp_dir):
+            _remove_quietly(leftover.path)
+        found: list[tuple[int, Digest]] = []
+        for fn_entry in os.scandir(self._blobs_dir):
+            try:
+                function = DigestFunction[fn_entry.name.upper()]
+            except KeyError:
+                log.warning("ignoring unknown directory %s", fn_entry.path)
+                continue
+            for shard in os.scandir(fn_entry.path):
+                if not shard.is_dir(follow_symlinks=False):
+                    continue
+                for f in os.scandir(shard.path):
+                    digest = _parse_file_name(f.name, function)
+                    st = f.stat(follow_symlinks=False)
+                    if digest is None or st.st_size != digest.size:
+                        log.warning("removing corrupt or foreign file %s", f.path)
+                        _remove_quietly(f.path)
+                        continue
+                    found.append((st.st_mtime_ns, digest))
+        found.sort(key=lambda e: e[0])
+        return found
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        """Where a committed blob lives (for hardlinking by a co-located worker)."""
+        return (
+            self._blobs_dir
+            / digest.function.name.lower()
+            / digest.hash[:2]
+            / f"{digest.hash}-{digest.size}"
+        )
+
+    # -- Store ------------------------------------------------------------------------------
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        touch = self._lru.touch
+        return [d for d in dedupe(digests) if not is_empty(d) and not touch(d)]
+
+    @asynccontextmanager
+    async def open_read(self, digest: Digest, offset: int = 0) -> AsyncIterator[BlobReader]:
+        check_offset(digest, offset)
+        if is_empty(digest):
+            yield BytesReader(b"")
+            return
+        if not self._lru.touch(digest):
+            raise BlobNotFound(digest)
+        self._lru.pin(digest)
+        try:
+            f = await trio.to_thread.run_sync(self._open_at, digest, offset)
+            try:
+                yield _FileReader(f, digest.size)
+            finally:
+                f.close()
+        finally:
+            self._lru.unpin(digest)
+
+    def _open_at(self, digest: Digest, offset: int) -> object:
+        path = self.blob_path(digest)
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            self._forget(digest)
+            raise BlobNotFound(digest) from None
+        if offset:
+            f.seek(offset)
+        _touch_quietly(path)
+        return f
+
+    async def get_bytes(self, digest: Digest) -> bytes:
+        if is_empty(digest):
+            return b""
+        if not self._lru.touch(digest):
+            raise BlobNotFound(digest)
+        self._lru.pin(digest)
+        try:
+            return await trio.to_thread.run_sync(self._read_whole, digest)
+        finally:
+            self._lru.unpin(digest)
+
+    def _read_whole(self, digest: Digest) -> bytes:
+        path = self.blob_path(digest)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                data = f.read()
+        except FileNotFoundError:
+            self._forget(digest)
+            raise BlobNotFound(digest) from None
+        _touch_quietly(path)
+        return data
+
+    def _forget(self, digest: Digest) -> None:
+        # Called from a worker thread: hop back so the index is only mutated on the loop.
+        try:
+            trio.from_thread.run_sync(self._lru.remove, digest)
+        except RuntimeError:
+            self._lru.remove(digest)
+
+    async def open_write(self, digest: Digest) -> _FileWriter:
+        fd, path = await trio.to_thread.run_sync(self._create_temp)
+        return _FileWriter(self, digest, fd, path)
+
+    def _create_temp(self) -> tuple[int, str]:
+        path = str(self._tmp_dir / uuid.uuid4().hex)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        return fd, path
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        if len(data) != digest.size:
+            raise InvalidArgument(
+                f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
+            )
+        if is_empty(digest) or self._lru.touch(digest):
+            return
+        async with self._mutate:
+            await trio.to_thread.run_sync(self._write_whole, digest, data)
+            await self._add(digest)
+
+    def _write_whole(self, digest: Digest, data: bytes) -> None:
+        fd, tmp = self._create_temp()
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                f.write(data)
+                self._finish_file(f.fileno())
+            self._install(tmp, digest)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+    def _finish_file(self, fd: int) -> None:
+        if self._fsync:
+            os.fsync(fd)
+        os.fchmod(fd, 0o444)
+
+    def _install(self, tmp: str, digest: Digest) -> None:
+        final = self.blob_path(digest)
+        try:
+            os.rename(tmp, final)
+        except FileNotFoundError:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, final)
+
+    async def _add(self, digest: Digest) -> None:
+        """Record a just-installed blob and evict what no longer fits. Caller holds _mutate."""
+        self._lru.add(digest, digest.size)
+        victims = self._lru.take_evictions()
+        if victims:
+            await trio.to_thread.run_sync(self._unlink_all, victims)
+
+    def _unlink_all(self, digests: list[Digest]) -> None:
+        for d in digests:
+            _remove_quietly(self.blob_path(d))
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "blobs": len(self._lru),
+            "bytes": self._lru.total_bytes,
+            "max_bytes": self._lru.max_bytes,
+            "evictions": self._lru.evictions,
+        }
+
+
+class _FileReader:
+    def __init__(self, f: object, size: int) -> None:
+        self._f = f
+        self.size = size
+
+    async def read(self, n: int = READ_CHUNK) -> bytes:
+        return await trio.to_thread.run_sync(self._f.read, n)  # type: ignore[attr-defined]
+
+
+class _FileWriter:
+    def __init__(self, store: FilesystemStore, digest: Digest, fd: int, path: str) -> None:
+        self._store = store
+        self.digest = digest
+        self.committed_size = 0
+        self._fd: int | None = fd
+        self._path = path
+        self._buf = bytearray()
+
+    async def write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise InvalidArgument(f"upload of {self.digest.blob_path} is already finished")
+        if self.committed_size + len(data) > self.digest.size:
+            raise InvalidArgument(
+                f"blob {self.digest.blob_path}: more data than the {self.digest.size} bytes declared"
+            )
+        self._buf += data
+        self.committed_size += len(data)
+        if len(self._buf) >= WRITE_BUFFER:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        buf, self._buf = self._buf, bytearray()
+        fd = self._fd
+        assert fd is not None
+        await trio.to_thread.run_sync(_write_all, fd, buf)
+
+    async def commit(self) -> None:
+        if self.committed_size != self.digest.size:
+            raise InvalidArgument(
+                f"blob {self.digest.blob_path}: got {self.committed_size} bytes, "
+                f"the digest says {self.digest.size}"
+            )
+        await self._flush()
+        store = self._store
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        async with store._mutate:
+            if store._lru.touch(self.digest):
+                await trio.to_thread.run_sync(_close_and_remove, fd, self._path)
+                return
+            await trio.to_thread.run_sync(self._finish, fd)
+            await store._add(self.digest)
+
+    def _finish(self, fd: int) -> None:
+        try:
+            try:
+                self._store._finish_file(fd)
+            finally:
+                os.close(fd)
+            self._store._install(self._path, self.digest)
+        except BaseException:
+            _remove_quietly(self._path)
+            raise
+
+    async def abort(self) -> None:
+        fd, self._fd = self._fd, None
+        self._buf = bytearray()
+        if fd is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_close_and_remove, fd, self._path)
+
+
+def _write_all(fd: int, data: bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _close_and_remove(fd: int, path: str) -> None:
+    try:
+        os.close(fd)
+    finally:
+        _remove_quietly(path)
+
+
+def _remove_quietly(path: str | os.PathLike[str]) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _touch_quietly(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _parse_file_name(name: str, function: DigestFunction) -> Digest | None:
+    hash_hex, sep, size_text = name.partition("-")
+    if not sep or not size_text.isdigit():
+        return None
+    return Digest(hash_hex, int(size_text), function)

@@ -1,0 +1,87 @@
+"""A byte-bounded LRU index with pinning, shared by the stores.
+
+Pure bookkeeping: it never touches data. Stores call `add`/`touch` and delete whatever
+`take_evictions` returns. Pinned keys (blobs being read) are never returned for eviction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class LruIndex(Generic[K]):
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.total_bytes = 0
+        self.evictions = 0
+        self._sizes: OrderedDict[K, int] = OrderedDict()
+        self._pins: dict[K, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sizes
+
+    def touch(self, key: K) -> bool:
+        """Mark `key` most recently used. Returns whether it is present."""
+        if key in self._sizes:
+            self._sizes.move_to_end(key)
+            return True
+        return False
+
+    def add(self, key: K, size: int) -> bool:
+        """Record `key` as most recently used. Returns False if it was already present."""
+        if key in self._sizes:
+            self._sizes.move_to_end(key)
+            return False
+        self._sizes[key] = size
+        self.total_bytes += size
+        return True
+
+    def remove(self, key: K) -> int | None:
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self.total_bytes -= size
+        return size
+
+    def pin(self, key: K) -> None:
+        self._pins[key] = self._pins.get(key, 0) + 1
+
+    def unpin(self, key: K) -> None:
+        n = self._pins[key] - 1
+        if n:
+            self._pins[key] = n
+        else:
+            del self._pins[key]
+
+    def is_pinned(self, key: K) -> bool:
+        return key in self._pins
+
+    def take_evictions(self, incoming: int = 0) -> list[K]:
+        """Remove and return least recently used unpinned keys until `incoming` more bytes fit."""
+        if self.max_bytes <= 0 or self.total_bytes + incoming <= self.max_bytes:
+            return []
+        victims: list[K] = []
+        skipped: list[K] = []
+        while self.total_bytes + incoming > self.max_bytes and self._sizes:
+            key, size = self._sizes.popitem(last=False)
+            if key in self._pins:
+                skipped.append(key)
+                self._sizes[key] = size  # goes to the MRU end; restored below
+                if len(skipped) >= len(self._sizes):
+                    break
+                continue
+            self.total_bytes -= size
+            victims.append(key)
+        for key in reversed(skipped):
+            self._sizes.move_to_end(key, last=False)
+        self.evictions += len(victims)
+        return victims
+
+    def keys_oldest_first(self) -> list[K]:
+        return list(self._sizes)

@@ -1,0 +1,126 @@
+"""The blob store interface every CAS backend and decorator implements.
+
+Modelled on a three-verb blob store (find missing, read, write) with streaming variants:
+`open_read` yields a reader for ranged, chunked reads of large blobs and `open_write` returns a
+writer that can be fed chunk by chunk (ByteStream uploads, resumable). The empty blob is always
+present in every store.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+from reexec.cas.digest import Digest, is_empty
+from reexec.errors import NotFound, OutOfRange
+
+READ_CHUNK = 1 << 20
+
+
+class BlobNotFound(NotFound):
+    def __init__(self, digest: Digest) -> None:
+        super().__init__(f"blob {digest.blob_path} not found")
+        self.digest = digest
+
+
+class BlobReader(Protocol):
+    """Sequential reader positioned at the requested offset."""
+
+    size: int
+
+    async def read(self, n: int = READ_CHUNK) -> bytes:
+        """Up to `n` bytes; b"" at the end of the blob."""
+        ...
+
+
+class BlobWriter(Protocol):
+    """Accepts a blob's bytes in order; nothing is visible until `commit` succeeds."""
+
+    digest: Digest
+    committed_size: int
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def commit(self) -> None:
+        """Make the blob visible. Raises InvalidArgument if the data does not match the digest."""
+        ...
+
+    async def abort(self) -> None: ...
+
+
+class BytesReader:
+    """A BlobReader over bytes already in memory."""
+
+    def __init__(self, data: bytes | memoryview, offset: int = 0) -> None:
+        self._data = memoryview(data)
+        self.size = len(self._data)
+        self._pos = offset
+
+    async def read(self, n: int = READ_CHUNK) -> bytes:
+        chunk = bytes(self._data[self._pos : self._pos + n])
+        self._pos += len(chunk)
+        return chunk
+
+
+class Store(abc.ABC):
+    """Abstract blob store. Subclasses implement the four primitives."""
+
+    @abc.abstractmethod
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        """The subset of `digests` not present, in input order, without duplicates."""
+
+    @abc.abstractmethod
+    def open_read(self, digest: Digest, offset: int = 0) -> AbstractAsyncContextManager[BlobReader]:
+        """Async context manager yielding a BlobReader; raises BlobNotFound or OutOfRange."""
+
+    @abc.abstractmethod
+    async def open_write(self, digest: Digest) -> BlobWriter:
+        """A writer for `digest`. The caller must `commit` or `abort` it."""
+
+    async def has(self, digest: Digest) -> bool:
+        return not await self.find_missing([digest])
+
+    async def get_bytes(self, digest: Digest) -> bytes:
+        """The whole blob; meant for small blobs (Actions, Commands, Directories, batches)."""
+        if is_empty(digest):
+            return b""
+        async with self.open_read(digest) as reader:
+            parts: list[bytes] = []
+            while chunk := await reader.read(READ_CHUNK):
+                parts.append(chunk)
+        return b"".join(parts)
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        if is_empty(digest) and not data:
+            return
+        writer = await self.open_write(digest)
+        try:
+            await writer.write(data)
+            await writer.commit()
+        except BaseException:
+            await writer.abort()
+            raise
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release resources at shutdown."""
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+def check_offset(digest: Digest, offset: int) -> None:
+    if offset < 0:
+        raise OutOfRange(f"read offset {offset} is negative")
+    if offset > digest.size:
+        raise OutOfRange(f"read offset {offset} is past the end of {digest.blob_path}")
+
+
+@asynccontextmanager
+async def empty_reader() -> AsyncIterator[BlobReader]:
+    yield BytesReader(b"")
+
+
+def dedupe(digests: Sequence[Digest]) -> list[Digest]:
+    return list(dict.fromkeys(digests))
