@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
+from itertools import repeat
 from typing import NamedTuple, Protocol
 
 import blake3
@@ -164,3 +165,31 @@ def make_digest(hash_hex: str, size: int, requested_function: int = 0) -> Digest
 
 def hex_length(function: DigestFunction) -> int:
     return _HEX_LENGTH[function]
+
+
+def _all_lower_hex(text: str) -> bool:
+    # bytes.fromhex is C-fast but accepts upper case and skips whitespace; rule both out.
+    try:
+        return len(bytes.fromhex(text)) * 2 == len(text) and text == text.lower()
+    except ValueError:
+        return False
+
+
+def make_digests(hashes: list[str], sizes: list[int], requested_function: int = 0) -> list[Digest]:
+    """Validate many wire digests at once (FindMissingBlobs with thousands of entries).
+
+    The common case - one function, all well formed - is checked with a handful of C-level
+    passes; anything unusual falls back to `make_digest` per entry for its precise error.
+    """
+    if not hashes:
+        return []
+    lengths = set(map(len, hashes))
+    function: DigestFunction | None = None
+    if len(lengths) == 1:
+        (length,) = lengths
+        function = resolve_function(requested_function, hashes[0])
+        if _HEX_LENGTH[function] != length:
+            function = None
+    if function is not None and min(sizes) >= 0 and _all_lower_hex("".join(hashes)):
+        return list(map(Digest._make, zip(hashes, sizes, repeat(function))))
+    return [make_digest(h, s, requested_function) for h, s in zip(hashes, sizes, strict=True)]

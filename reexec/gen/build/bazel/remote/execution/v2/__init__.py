@@ -167,10 +167,6 @@ class SymlinkAbsolutePathStrategyValue(betterproto2.Enum):
 @dataclass(eq=False, repr=False)
 class Action(betterproto2.Message):
     """
-    ---------------------------------------------------------------------------
-    Actions and their inputs
-    ---------------------------------------------------------------------------
-
     Everything needed to run one build step; its digest is the cache key.
     """
 
@@ -636,10 +632,6 @@ default_message_pool.register_message(
 @dataclass(eq=False, repr=False)
 class ExecutedActionMetadata(betterproto2.Message):
     """
-    ---------------------------------------------------------------------------
-    Results
-    ---------------------------------------------------------------------------
-
     Timing and placement details of one execution.
     """
 
@@ -878,10 +870,6 @@ default_message_pool.register_message(
 @dataclass(eq=False, repr=False)
 class ExecutionPolicy(betterproto2.Message):
     """
-    ---------------------------------------------------------------------------
-    Execution RPC messages
-    ---------------------------------------------------------------------------
-
     Scheduling hints for execution.
     """
 
@@ -932,12 +920,6 @@ default_message_pool.register_message("build.bazel.remote.execution.v2", "FileNo
 
 @dataclass(eq=False, repr=False)
 class FindMissingBlobsRequest(betterproto2.Message):
-    """
-    ---------------------------------------------------------------------------
-    CAS RPC messages
-    ---------------------------------------------------------------------------
-    """
-
     instance_name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     blob_digests: "list[Digest]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
@@ -966,12 +948,6 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetActionResultRequest(betterproto2.Message):
-    """
-    ---------------------------------------------------------------------------
-    Action cache RPC messages
-    ---------------------------------------------------------------------------
-    """
-
     instance_name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     action_digest: "Digest | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
@@ -996,12 +972,6 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetCapabilitiesRequest(betterproto2.Message):
-    """
-    ---------------------------------------------------------------------------
-    Capabilities
-    ---------------------------------------------------------------------------
-    """
-
     instance_name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -1372,12 +1342,6 @@ default_message_pool.register_message("build.bazel.remote.execution.v2", "Symlin
 
 @dataclass(eq=False, repr=False)
 class ToolDetails(betterproto2.Message):
-    """
-    ---------------------------------------------------------------------------
-    Client supplied request metadata (sent as a binary gRPC header)
-    ---------------------------------------------------------------------------
-    """
-
     tool_name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     tool_version: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -1605,10 +1569,6 @@ class ContentAddressableStorageStub(betterproto2_grpclib.ServiceStub):
 
 class ExecutionStub(betterproto2_grpclib.ServiceStub):
     """
-    ---------------------------------------------------------------------------
-    Services
-    ---------------------------------------------------------------------------
-
     Runs actions on workers.
     """
 
@@ -1850,10 +1810,6 @@ class ContentAddressableStorageBase(betterproto2_grpclib.ServiceBase):
 
 class ExecutionBase(betterproto2_grpclib.ServiceBase):
     """
-    ---------------------------------------------------------------------------
-    Services
-    ---------------------------------------------------------------------------
-
     Runs actions on workers.
     """
 

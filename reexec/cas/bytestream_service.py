@@ -1,0 +1,256 @@
+"""ByteStream service: chunked reads and resumable writes of CAS blobs.
+
+Uploads in progress live in `UploadTable`, keyed by their full resource name (which includes
+the client's upload uuid), so a client whose stream broke can ask QueryWriteStatus and resume
+at `committed_size`. Idle uploads are aborted after `upload_idle_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+import zstandard
+
+from reexec import fastpb
+from reexec.cas.resource import Compressor, ResourceName, parse_read_name, parse_write_name
+from reexec.cas.store import READ_CHUNK, BlobWriter, Store
+from reexec.errors import InvalidArgument, NotFound, OutOfRange
+from reexec.gen.google import bytestream as bs
+from reexec.rpc import Cardinality, Service, Stream, aio, check_instance, streaming, unary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Upload:
+    """One resumable upload. `received` counts wire bytes (compressed ones for zstd uploads)."""
+
+    name: ResourceName
+    writer: BlobWriter
+    decompressor: zstandard.ZstdDecompressionObj | None
+    received: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+    busy: bool = False
+
+    @property
+    def committed_size(self) -> int:
+        return self.received if self.decompressor is not None else self.writer.committed_size
+
+
+class UploadTable:
+    def __init__(self, idle_timeout_s: float) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self.uploads: dict[str, Upload] = {}
+
+    async def expire(self) -> None:
+        """Abort uploads idle for longer than the timeout (run periodically)."""
+        now = time.monotonic()
+        for key, up in list(self.uploads.items()):
+            if not up.busy and now - up.last_active > self.idle_timeout_s:
+                del self.uploads[key]
+                await up.writer.abort()
+
+    async def run_expiry(self) -> None:
+        while True:
+            await trio.sleep(max(self.idle_timeout_s / 4, 1.0))
+            await self.expire()
+
+    async def abort_all(self) -> None:
+        for up in self.uploads.values():
+            await up.writer.abort()
+        self.uploads.clear()
+
+
+class ByteStreamService(Service):
+    SERVICE = "google.bytestream.ByteStream"
+
+    def __init__(
+        self,
+        cas: Store,
+        *,
+        instances: Sequence[str] = (),
+        uploads: UploadTable | None = None,
+        read_chunk_bytes: int = READ_CHUNK,
+    ) -> None:
+        self.cas = cas
+        self.instances = tuple(instances)
+        self.uploads = uploads or UploadTable(600.0)
+        self.read_chunk = read_chunk_bytes
+
+    def rpcs(self):  # type: ignore[no-untyped-def]
+        return {
+            "Read": streaming(
+                self.read, Cardinality.UNARY_STREAM, fastpb.ReadRequest, fastpb.ReadResponse
+            ),
+            "Write": streaming(
+                self.write, Cardinality.STREAM_UNARY, fastpb.WriteRequest, fastpb.WriteResponse
+            ),
+            "QueryWriteStatus": unary(
+                self.query_write_status, bs.QueryWriteStatusRequest, bs.QueryWriteStatusResponse
+            ),
+        }
+
+    # -- Read -------------------------------------------------------------------------------
+
+    async def read(self, stream: Stream) -> None:
+        request = await aio(stream.recv_message)
+        name = parse_read_name(request.resource_name)
+        check_instance(self.instances, name.instance)
+        offset, limit = request.read_offset, request.read_limit
+        if offset < 0:
+            raise OutOfRange(f"read_offset {offset} is negative")
+        if limit < 0:
+            raise InvalidArgument(f"read_limit {limit} is negative")
+        if offset > name.digest.size:
+            raise OutOfRange(
+                f"read_offset {offset} is past the end of {name.digest.blob_path} ({name.digest.size} bytes)"
+            )
+        if name.compressor is Compressor.ZSTD:
+            if limit:
+                raise InvalidArgument("read_limit must be 0 when reading compressed-blobs")
+            await self._read_zstd(stream, name, offset)
+            return
+        remaining = (
+            (name.digest.size - offset) if not limit else min(limit, name.digest.size - offset)
+        )
+        async with self.cas.open_read(name.digest, offset) as reader:
+            while remaining > 0:
+                chunk = await reader.read(min(self.read_chunk, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                await aio(stream.send_message, fastpb.ReadResponse(data=chunk))
+
+    async def _read_zstd(self, stream: Stream, name: ResourceName, offset: int) -> None:
+        compressor = zstandard.ZstdCompressor(level=1).compressobj()
+        async with self.cas.open_read(name.digest, offset) as reader:
+            sent_any = False
+            while chunk := await reader.read(self.read_chunk):
+                out = await trio.to_thread.run_sync(compressor.compress, chunk)
+                if out:
+                    sent_any = True
+                    await aio(stream.send_message, fastpb.ReadResponse(data=out))
+            tail = compressor.flush()
+            if tail or not sent_any:
+                await aio(stream.send_message, fastpb.ReadResponse(data=tail))
+
+    # -- Write ------------------------------------------------------------------------------
+
+    async def write(self, stream: Stream) -> None:
+        first = await aio(stream.recv_message)
+        if first is None:
+            raise InvalidArgument("Write stream closed before its first message")
+        key = first.resource_name
+        name = parse_write_name(key)
+        check_instance(self.instances, name.instance)
+        digest = name.digest
+        compressed = name.compressor is Compressor.ZSTD
+
+        if await self.cas.has(digest):
+            await self._abandon(key)
+            await aio(
+                stream.send_message,
+                fastpb.WriteResponse(committed_size=-1 if compressed else digest.size),
+            )
+            return
+
+        upload = await self._resume_or_start(key, name, first.write_offset)
+        upload.busy = True
+        try:
+            request = first
+            while True:
+                if request.resource_name and request.resource_name != key:
+                    raise InvalidArgument(
+                        f"resource_name changed within one Write stream: {request.resource_name!r}"
+                    )
+                if request.write_offset != upload.committed_size:
+                    raise InvalidArgument(
+                        f"write_offset {request.write_offset} does not match the "
+                        f"{upload.committed_size} bytes committed for {key}"
+                    )
+                try:
+                    await self._feed(upload, request.data)
+                    if request.finish_write:
+                        await upload.writer.commit()
+                except InvalidArgument:
+                    # Wrong size, bad hash or corrupt zstd data: the upload cannot be resumed.
+                    await self._abandon(key)
+                    raise
+                upload.last_active = time.monotonic()
+                if request.finish_write:
+                    self.uploads.uploads.pop(key, None)
+                    size = -1 if compressed else digest.size
+                    await aio(stream.send_message, fastpb.WriteResponse(committed_size=size))
+                    return
+                request = await aio(stream.recv_message)
+                if request is None:
+                    # The upload stays in the table so the client can resume it.
+                    raise InvalidArgument(
+                        f"Write stream for {key} ended without finish_write at "
+                        f"{upload.committed_size} bytes"
+                    )
+        finally:
+            upload.busy = False
+
+    async def _resume_or_start(self, key: str, name: ResourceName, offset: int) -> Upload:
+        existing = self.uploads.uploads.get(key)
+        if existing is not None:
+            if existing.busy:
+                raise InvalidArgument(f"another Write stream is already uploading {key}")
+            if offset == existing.committed_size:
+                return existing
+            if offset != 0:
+                raise InvalidArgument(
+                    f"write_offset {offset} does not match the {existing.committed_size} bytes committed for {key}"
+                )
+            await self._abandon(key)
+        elif offset != 0:
+            raise InvalidArgument(
+                f"write_offset {offset} for {key}, which has no upload in progress"
+            )
+        writer = await self.cas.open_write(name.digest)
+        decompressor = (
+            zstandard.ZstdDecompressor().decompressobj()
+            if name.compressor is Compressor.ZSTD
+            else None
+        )
+        upload = Upload(name, writer, decompressor)
+        self.uploads.uploads[key] = upload
+        return upload
+
+    async def _feed(self, upload: Upload, data: bytes) -> None:
+        if not data:
+            return
+        upload.received += len(data)
+        if upload.decompressor is None:
+            await upload.writer.write(data)
+            return
+        try:
+            plain = await trio.to_thread.run_sync(upload.decompressor.decompress, data)
+        except zstandard.ZstdError as e:
+            raise InvalidArgument(f"invalid zstd data for {upload.name.format()}: {e}") from None
+        if plain:
+            await upload.writer.write(plain)
+
+    async def _abandon(self, key: str) -> None:
+        up = self.uploads.uploads.pop(key, None)
+        if up is not None:
+            await up.writer.abort()
+
+    # -- QueryWriteStatus -------------------------------------------------------------------
+
+    async def query_write_status(
+        self, request: bs.QueryWriteStatusRequest, stream: Stream | None = None
+    ) -> bs.QueryWriteStatusResponse:
+        name = parse_write_name(request.resource_name)
+        check_instance(self.instances, name.instance)
+        if await self.cas.has(name.digest):
+            return bs.QueryWriteStatusResponse(committed_size=name.digest.size, complete=True)
+        upload = self.uploads.uploads.get(request.resource_name)
+        if upload is None:
+            raise NotFound(f"no upload in progress for {request.resource_name}")
+        return bs.QueryWriteStatusResponse(committed_size=upload.committed_size, complete=False)

@@ -1,0 +1,52 @@
+"""Builds stores from configuration: the one place config turns into store objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reexec.cas.action_cache import ActionCache, FilesystemActionCache, MemoryActionCache
+from reexec.cas.completeness import CompletenessCheckingActionCache
+from reexec.cas.fast_slow import FastSlowStore
+from reexec.cas.filesystem import FilesystemStore
+from reexec.cas.memory import MemoryStore
+from reexec.cas.store import Store
+from reexec.cas.verify import VerifyingStore
+from reexec.daemon import config as c
+
+
+def _path(data_dir: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else data_dir / p
+
+
+async def build_store(spec: c.StoreConfig, data_dir: Path) -> Store:
+    """Construct and start the store tree described by `spec`."""
+    if isinstance(spec, c.MemoryStoreConfig):
+        return MemoryStore(c.parse_size(spec.max_bytes))
+    if isinstance(spec, c.FilesystemStoreConfig):
+        fs = FilesystemStore(
+            _path(data_dir, spec.path), c.parse_size(spec.max_bytes), fsync=spec.fsync
+        )
+        await fs.start()
+        return fs
+    if isinstance(spec, c.VerifyStoreConfig):
+        return VerifyingStore(await build_store(spec.inner, data_dir))
+    if isinstance(spec, c.FastSlowStoreConfig):
+        return FastSlowStore(
+            await build_store(spec.fast, data_dir), await build_store(spec.slow, data_dir)
+        )
+    raise TypeError(f"unknown store config {spec!r}")
+
+
+async def build_action_cache(spec: c.ActionCacheConfig, data_dir: Path, cas: Store) -> ActionCache:
+    if isinstance(spec, c.MemoryActionCacheConfig):
+        return MemoryActionCache(c.parse_size(spec.max_bytes))
+    if isinstance(spec, c.FilesystemActionCacheConfig):
+        ac = FilesystemActionCache(_path(data_dir, spec.path), c.parse_size(spec.max_bytes))
+        await ac.start()
+        return ac
+    if isinstance(spec, c.CompletenessCheckingActionCacheConfig):
+        return CompletenessCheckingActionCache(
+            await build_action_cache(spec.inner, data_dir, cas), cas
+        )
+    raise TypeError(f"unknown action cache config {spec!r}")

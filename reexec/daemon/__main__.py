@@ -1,0 +1,5 @@
+import sys
+
+from reexec.daemon.cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""The daemon's nursery tree: stores, gRPC services, background tasks, signal handling.
+
+trio.run(serve)
+└─ trio_asyncio loop (grpclib runs on it)
+   └─ nursery
+      ├─ GrpcServer (grpclib servers; handlers cross into Trio once per RPC)
+      ├─ UploadTable.run_expiry (discards idle resumable uploads)
+      └─ signal watcher: SIGINT/SIGTERM -> drain -> cancel the nursery
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+import trio_asyncio
+
+from reexec.cas.ac_service import ActionCacheService
+from reexec.cas.action_cache import ActionCache
+from reexec.cas.bytestream_service import ByteStreamService, UploadTable
+from reexec.cas.capabilities_service import CapabilitiesService
+from reexec.cas.cas_service import CasService
+from reexec.cas.factory import build_action_cache, build_store
+from reexec.cas.store import Store
+from reexec.daemon.config import Config, parse_size
+from reexec.daemon.grpc_server import GrpcServer, make_ssl_context
+from reexec.rpc import RpcGate, Servable, Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Daemon:
+    """What a running daemon exposes to its caller (tests, the status endpoint)."""
+
+    config: Config
+    cas: Store
+    ac: ActionCache
+    server: GrpcServer
+    services: list[Service] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.server.addresses[0][1]
+
+
+async def open_stores(config: Config) -> tuple[Store, ActionCache]:
+    data_dir = Path(config.data_dir)
+    await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
+    cas = await build_store(config.cas, data_dir)
+    ac = await build_action_cache(config.action_cache, data_dir, cas)
+    return cas, ac
+
+
+def build_services(
+    config: Config, cas: Store, ac: ActionCache, uploads: UploadTable
+) -> list[Service]:
+    s = config.server
+    max_batch = parse_size(s.max_batch_total_size_bytes)
+    return [
+        CapabilitiesService(
+            instances=s.instances,
+            max_batch_total_size_bytes=max_batch,
+            exec_enabled=False,
+            ac_update_enabled=s.ac_allow_updates,
+        ),
+        CasService(cas, instances=s.instances, max_batch_total_size_bytes=max_batch),
+        ByteStreamService(cas, instances=s.instances, uploads=uploads),
+        ActionCacheService(
+            ac,
+            cas,
+            instances=s.instances,
+            max_inline_bytes=parse_size(s.max_inline_bytes),
+            allow_updates=s.ac_allow_updates,
+        ),
+    ]
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+    handle_signals: bool = True,
+) -> None:
+    """Run until cancelled or, with `handle_signals`, until SIGINT/SIGTERM has drained us."""
+    async with trio_asyncio.open_loop():
+        cas, ac = await open_stores(config)
+        uploads = UploadTable(config.server.upload_idle_timeout_s)
+        services = build_services(config, cas, ac, uploads)
+        tls = config.server.tls
+        server = GrpcServer(
+            Servable(services, RpcGate()),
+            config.server.listen,
+            ssl_context=make_ssl_context(tls) if tls else None,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                await server.start()
+                nursery.start_soon(uploads.run_expiry)
+                daemon = Daemon(config, cas, ac, server, services)
+                if handle_signals:
+                    nursery.start_soon(
+                        _watch_signals, server, config.server.grace_period_s, nursery
+                    )
+                log.info("reexecd ready", extra={"pid": os.getpid(), "data_dir": config.data_dir})
+                task_status.started(daemon)
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.close()
+                await uploads.abort_all()
+                await cas.aclose()
+                await ac.aclose()
+    log.info("reexecd stopped")
+
+
+async def _watch_signals(server: GrpcServer, grace_period_s: float, nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: draining", signal.Signals(signum).name)
+            break
+    await server.drain(grace_period_s)
+    nursery.cancel_scope.cancel()

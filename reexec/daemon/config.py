@@ -1,0 +1,314 @@
+"""Daemon configuration: TOML decoded and validated by msgspec.
+
+Every field's default is the documented default; `reexecd serve` with no file uses exactly
+`Config()`. Errors name the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import msgspec
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+_UNITS |= {"KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+
+ByteSize = Union[int, str]  # noqa: UP007 - msgspec needs a runtime Union here
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as "512MiB", "10GB", "4096"."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size {value} is negative")
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(
+            f"size {value!r} is not a number of bytes like 1048576, '512MiB' or '10GB'"
+        )
+    unit = (m.group(2) or "").upper().rstrip("B")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class _Tagged(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
+    pass
+
+
+# -- CAS stores (a tree of decorators, chosen by `type`) -------------------------------------
+
+
+class MemoryStoreConfig(_Tagged, tag="memory"):
+    max_bytes: ByteSize = "1GiB"
+
+
+class FilesystemStoreConfig(_Tagged, tag="filesystem"):
+    path: str = "cas"
+    """Relative paths are under the data directory."""
+    max_bytes: ByteSize = "10GiB"
+    fsync: bool = False
+    """fsync each blob before it becomes visible (survives power loss, costs write speed)."""
+
+
+class VerifyStoreConfig(_Tagged, tag="verify"):
+    inner: StoreConfig
+
+
+class FastSlowStoreConfig(_Tagged, tag="fast_slow"):
+    fast: StoreConfig
+    slow: StoreConfig
+
+
+StoreConfig = Union[  # noqa: UP007
+    MemoryStoreConfig, FilesystemStoreConfig, VerifyStoreConfig, FastSlowStoreConfig
+]
+
+
+# -- Action cache stores ----------------------------------------------------------------------
+
+
+class MemoryActionCacheConfig(_Tagged, tag="memory"):
+    max_bytes: ByteSize = "256MiB"
+
+
+class FilesystemActionCacheConfig(_Tagged, tag="filesystem"):
+    path: str = "ac"
+    max_bytes: ByteSize = "1GiB"
+
+
+class CompletenessCheckingActionCacheConfig(_Tagged, tag="completeness_checking"):
+    inner: ActionCacheConfig
+
+
+ActionCacheConfig = Union[  # noqa: UP007
+    MemoryActionCacheConfig, FilesystemActionCacheConfig, CompletenessCheckingActionCacheConfig
+]
+
+
+# -- Server -----------------------------------------------------------------------------------
+
+
+class TlsConfig(_Base):
+    cert: str
+    key: str
+    client_ca: str | None = None
+    """PEM bundle; when set, clients must present a certificate signed by it (mTLS)."""
+
+
+class ServerConfig(_Base):
+    listen: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8980"])
+    """host:port addresses for gRPC; port 0 picks a free port."""
+    instances: list[str] = msgspec.field(default_factory=list)
+    """Instance names served; empty accepts every name."""
+    grace_period_s: float = 30.0
+    """On SIGINT/SIGTERM, how long in-flight RPCs may run before they are cancelled."""
+    max_batch_total_size_bytes: ByteSize = "4MiB"
+    max_inline_bytes: ByteSize = "1MiB"
+    """GetActionResult: total bytes inlined for inline_stdout/stderr/output_files hints."""
+    upload_idle_timeout_s: float = 600.0
+    """Resumable ByteStream uploads idle this long are discarded."""
+    ac_allow_updates: bool = True
+    """Whether clients may call UpdateActionResult."""
+    tls: TlsConfig | None = None
+
+
+class LogConfig(_Base):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+def _default_cas() -> StoreConfig:
+    return VerifyStoreConfig(inner=FilesystemStoreConfig())
+
+
+def _default_ac() -> ActionCacheConfig:
+    return CompletenessCheckingActionCacheConfig(inner=FilesystemActionCacheConfig())
+
+
+class Config(_Base):
+    data_dir: str = "./reexec-data"
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    cas: StoreConfig = msgspec.field(default_factory=_default_cas)
+    action_cache: ActionCacheConfig = msgspec.field(default_factory=_default_ac)
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the user (file, key, what is allowed)."""
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load and validate a TOML file; `None` gives the embedded default."""
+    if path is None:
+        config = Config()
+        source = "<embedded default>"
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read config file: {e.strerror}") from None
+        try:
+            config = msgspec.toml.decode(text, type=Config)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"{source}: {explain(str(e), _raw_toml(text))}") from None
+        except msgspec.DecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    check_semantics(config, source)
+    return config
+
+
+def check_semantics(config: Config, source: str) -> None:
+    """Checks msgspec's types cannot express: sizes, addresses, positive timeouts."""
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: {key}: {why}")
+
+    for key, value in _sizes(config):
+        try:
+            parse_size(value)
+        except ValueError as e:
+            fail(key, str(e))
+    for i, addr in enumerate(config.server.listen):
+        try:
+            parse_listen(addr)
+        except ValueError as e:
+            fail(f"server.listen[{i}]", str(e))
+    if not config.server.listen:
+        fail("server.listen", "at least one address is required")
+    for key in ("grace_period_s", "upload_idle_timeout_s"):
+        if getattr(config.server, key) < 0:
+            fail(f"server.{key}", "must not be negative")
+
+
+def _sizes(config: Config) -> list[tuple[str, int | str]]:
+    out: list[tuple[str, int | str]] = [
+        ("server.max_batch_total_size_bytes", config.server.max_batch_total_size_bytes),
+        ("server.max_inline_bytes", config.server.max_inline_bytes),
+    ]
+
+    def walk(prefix: str, node: Any) -> None:
+        if hasattr(node, "max_bytes"):
+            out.append((f"{prefix}.max_bytes", node.max_bytes))
+        for child in ("inner", "fast", "slow"):
+            if hasattr(node, child):
+                walk(f"{prefix}.{child}", getattr(node, child))
+
+    walk("cas", config.cas)
+    walk("action_cache", config.action_cache)
+    return out
+
+
+def parse_listen(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{addr!r} is not host:port (e.g. '127.0.0.1:8980' or '[::1]:8980')")
+    if int(port) > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return host.strip("[]"), int(port)
+
+
+# -- error explanations -----------------------------------------------------------------------
+
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$")
+
+
+def _raw_toml(text: bytes) -> Any:
+    try:
+        return tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+
+
+def explain(message: str, raw: Any = None) -> str:
+    """Turn msgspec's message into one naming the key and the allowed keys or values."""
+    m = _AT.match(message)
+    if not m:
+        return message
+    msg, path = m.group("msg"), m.group("path")
+    key = path.lstrip(".") or "(top level)"
+    parts = [p for p in re.split(r"\.|\[\d+\]", path) if p]
+    owner = _select_by_tag(_type_at(Config, parts), _raw_at(raw, parts))
+    unknown = re.match(r"Object contains unknown field `(.+)`", msg)
+    if unknown:
+        allowed = _fields_of(owner)
+        where = key if path else "top level"
+        return f"{where}: unknown key {unknown.group(1)!r}; allowed keys: {', '.join(allowed)}"
+    if key.endswith(".type") or key == "type":
+        parent = _type_at(Config, [p for p in re.split(r"\.|\[\d+\]", path) if p][:-1])
+        tags = _tags_of(parent)
+        if tags:
+            return f"{key}: {msg.lower()}; allowed types: {', '.join(tags)}"
+    if msg.startswith("Invalid enum value"):
+        values = _literal_values(Config, [p for p in re.split(r"\.|\[\d+\]", path) if p])
+        if values:
+            return f"{key}: {msg}; allowed values: {', '.join(map(repr, values))}"
+    return f"{key}: {msg}"
+
+
+def _raw_at(raw: Any, parts: list[str]) -> Any:
+    for part in parts:
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw
+
+
+def _select_by_tag(tp: Any, raw: Any) -> Any:
+    """Narrow a tagged union to the member the user's `type = ...` names."""
+    if isinstance(raw, dict) and "type" in raw:
+        for t in _unwrap(tp):
+            if isinstance(t, type) and issubclass(t, msgspec.Struct):
+                if t.__struct_config__.tag == raw["type"]:
+                    return t
+    return tp
+
+
+def _unwrap(tp: Any) -> list[Any]:
+    if get_origin(tp) is Union or type(tp).__name__ == "UnionType":
+        return [t for arg in get_args(tp) for t in _unwrap(arg)]
+    if get_origin(tp) is list:
+        return _unwrap(get_args(tp)[0])
+    return [tp]
+
+
+def _type_at(tp: Any, parts: list[str]) -> Any:
+    """The type (possibly a Union) at a path of field names, following every union member."""
+    for part in parts:
+        candidates = []
+        for t in _unwrap(tp):
+            if isinstance(t, type) and issubclass(t, msgspec.Struct):
+                hints = get_type_hints(t)
+                if part in hints:
+                    candidates.append(hints[part])
+        if not candidates:
+            return None
+        tp = Union[tuple(candidates)] if len(candidates) > 1 else candidates[0]  # noqa: UP007
+    return tp
+
+
+def _fields_of(tp: Any) -> list[str]:
+    names: list[str] = []
+    for t in _unwrap(tp):
+        if isinstance(t, type) and issubclass(t, msgspec.Struct):
+            names += [f for f in t.__struct_fields__ if f not in names]
+    return names
+
+
+def _tags_of(tp: Any) -> list[str]:
+    return [
+        t.__struct_config__.tag
+        for t in _unwrap(tp)
+        if isinstance(t, type) and issubclass(t, msgspec.Struct) and t.__struct_config__.tag
+    ]
+
+
+def _literal_values(root: Any, parts: list[str]) -> list[Any]:
+    tp = _type_at(root, parts)
+    return [v for t in _unwrap(tp) if get_origin(t) is Literal for v in get_args(t)]

@@ -1,0 +1,205 @@
+"""The gRPC edge shared by every service: handlers, error mapping, drain gate.
+
+Services are grpclib `IServable`s whose `__mapping__` we build here rather than through the
+name-mangled handlers of betterproto2's generated `*Base` classes: that lets each RPC pick its
+codec (Google's upb classes from `reexec.fastpb` on hot and bulk paths, betterproto2 elsewhere)
+and cross from grpclib's asyncio world into Trio exactly once per RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpclib.const
+import grpclib.server
+import trio
+import trio_asyncio
+from grpclib.encoding.base import StatusDetailsCodecBase
+from grpclib.exceptions import GRPCError
+
+from reexec import fastpb
+from reexec.errors import InvalidArgument, ReexecError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Stream = grpclib.server.Stream
+Handler = grpclib.const.Handler
+Cardinality = grpclib.const.Cardinality
+
+_TYPE_URL_PREFIX = "type.googleapis.com/"
+
+
+class StatusDetailsCodec(StatusDetailsCodecBase):
+    """Encodes error details as google.rpc.Status in `grpc-status-details-bin`.
+
+    Ours instead of grpclib's, which needs googleapis-common-protos in the default descriptor pool.
+    Details are protobuf messages from `reexec.fastpb` (PreconditionFailure, BadRequest, ...).
+    """
+
+    def encode(self, status: grpclib.const.Status, message: str | None, details: Any) -> bytes:
+        st = fastpb.Status(code=status.value, message=message or "")
+        for detail in details or ():
+            any_ = st.details.add()
+            any_.type_url = _TYPE_URL_PREFIX + detail.DESCRIPTOR.full_name
+            any_.value = detail.SerializeToString()
+        return st.SerializeToString()
+
+    def decode(self, status: grpclib.const.Status, message: str | None, data: bytes) -> Any:
+        st = fastpb.Status.FromString(data)
+        out = []
+        for any_ in st.details:
+            name = any_.type_url.rpartition("/")[2]
+            try:
+                cls = fastpb.message_class(name)
+            except KeyError:
+                out.append(any_)
+                continue
+            out.append(cls.FromString(any_.value))
+        return out
+
+
+def grpc_error(e: ReexecError) -> GRPCError:
+    details = None
+    if e.violations:
+        pf = fastpb.PreconditionFailure()
+        for v in e.violations:
+            pf.violations.add(type=v.type, subject=v.subject, description=v.description)
+        details = [pf]
+    return GRPCError(e.status, e.message, details)
+
+
+class RpcGate:
+    """Counts in-flight RPCs and refuses new ones once draining starts."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.inflight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.calls: dict[tuple[str, str], int] = {}
+        self.latency_sum: dict[str, float] = {}
+
+    def enter(self, method: str) -> None:
+        if self.draining:
+            raise GRPCError(grpclib.const.Status.UNAVAILABLE, "server is shutting down")
+        if self.inflight == 0:
+            self._idle = trio.Event()
+        self.inflight += 1
+
+    def leave(self, method: str, status: str, seconds: float) -> None:
+        self.inflight -= 1
+        key = (method, status)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.latency_sum[method] = self.latency_sum.get(method, 0.0) + seconds
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+def guard(gate: RpcGate, name: str, func: Callable[[Stream], Awaitable[None]]):
+    """Wrap a grpclib handler: drain gate, ReexecError -> status, accounting, logging."""
+
+    async def handle(stream: Stream) -> None:
+        gate.enter(name)
+        started = time.monotonic()
+        status = "OK"
+        try:
+            await func(stream)
+        except ReexecError as e:
+            status = e.status.name
+            raise grpc_error(e) from None
+        except GRPCError as e:
+            status = e.status.name
+            raise
+        except (asyncio.CancelledError, trio.Cancelled):
+            status = "CANCELLED"
+            raise
+        except Exception:
+            status = "INTERNAL"
+            log.exception("internal error in %s", name)
+            raise GRPCError(grpclib.const.Status.INTERNAL, f"internal error in {name}") from None
+        finally:
+            gate.leave(name, status, time.monotonic() - started)
+
+    return handle
+
+
+def in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> Awaitable[T]:
+    """Run a Trio coroutine function from grpclib's asyncio side (one crossing)."""
+    return trio_asyncio.trio_as_aio(fn)(*args)
+
+
+def unary(
+    fn: Callable[[Any, Stream], Awaitable[Any]], request_type: type, response_type: type
+) -> tuple[Callable[[Stream], Awaitable[None]], Cardinality, type, type]:
+    """A unary handler whose logic `fn(request, stream)` runs in Trio."""
+
+    async def handle(stream: Stream) -> None:
+        request = await stream.recv_message()
+        response = await in_trio(fn, request, stream)
+        await stream.send_message(response)
+
+    return handle, Cardinality.UNARY_UNARY, request_type, response_type
+
+
+def streaming(
+    fn: Callable[[Stream], Awaitable[None]],
+    cardinality: Cardinality,
+    request_type: type,
+    response_type: type,
+) -> tuple[Callable[[Stream], Awaitable[None]], Cardinality, type, type]:
+    """A streaming handler that runs wholly in Trio; it talks to the stream with `aio`."""
+
+    async def handle(stream: Stream) -> None:
+        await in_trio(fn, stream)
+
+    return handle, cardinality, request_type, response_type
+
+
+def aio(coro_fn: Callable[..., Awaitable[T]], *args: Any) -> Awaitable[T]:
+    """Await an asyncio coroutine function (e.g. stream.send_message) from Trio."""
+    return trio_asyncio.aio_as_trio(coro_fn)(*args)
+
+
+class Service:
+    """Base for our servicers: subclasses map method names to handlers in `rpcs()`."""
+
+    SERVICE: str = ""
+
+    def rpcs(
+        self,
+    ) -> dict[str, tuple[Callable[[Stream], Awaitable[None]], Cardinality, type, type]]:
+        raise NotImplementedError
+
+
+class Servable:
+    """All services as one grpclib IServable, every handler wrapped by `guard` with one gate."""
+
+    def __init__(self, services: Sequence[Service], gate: RpcGate) -> None:
+        self._services = services
+        self.gate = gate
+
+    def __mapping__(self) -> dict[str, Handler]:
+        out: dict[str, Handler] = {}
+        for service in self._services:
+            for method, (func, cardinality, req, resp) in service.rpcs().items():
+                path = f"/{service.SERVICE}/{method}"
+                out[path] = Handler(guard(self.gate, path, func), cardinality, req, resp)
+        return out
+
+
+def check_instance(allowed: Sequence[str], instance: str) -> None:
+    """Raise unless `instance` is configured (an empty list accepts every name)."""
+    if allowed and instance not in allowed:
+        raise InvalidArgument(
+            f"unknown instance name {instance!r}; this server serves: "
+            + ", ".join(repr(a) for a in allowed)
+        )
