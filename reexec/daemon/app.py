@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +89,7 @@ async def run_daemon(
     handle_signals: bool = True,
 ) -> None:
     """Run until cancelled or, with `handle_signals`, until SIGINT/SIGTERM has drained us."""
-    async with trio_asyncio.open_loop():
+    async with _asyncio_loop():
         cas, ac = await open_stores(config)
         uploads = UploadTable(config.server.upload_idle_timeout_s)
         services = build_services(config, cas, ac, uploads)
@@ -116,6 +118,16 @@ async def run_daemon(
                 await cas.aclose()
                 await ac.aclose()
     log.info("reexecd stopped")
+
+
+@asynccontextmanager
+async def _asyncio_loop() -> AsyncIterator[None]:
+    """The trio-asyncio loop grpclib runs on: the caller's if it has one (tests), else ours."""
+    if trio_asyncio.current_loop.get() is not None:
+        yield
+        return
+    async with trio_asyncio.open_loop():
+        yield
 
 
 async def _watch_signals(server: GrpcServer, grace_period_s: float, nursery: trio.Nursery) -> None:

@@ -1,0 +1,60 @@
+"""Shared fixtures: an in-process daemon and a grpclib client talking to it over loopback."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio_asyncio  # noqa: F401 - must come before grpclib
+
+import pytest
+import trio
+from grpclib.client import Channel
+
+from reexec.daemon.app import Daemon, run_daemon
+from reexec.daemon.config import Config, ServerConfig
+from reexec.rpc import StatusDetailsCodec
+
+T = TypeVar("T")
+
+
+def call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> Awaitable[T]:
+    """Await an asyncio coroutine function (a grpclib stub method) from a Trio test."""
+    return trio_asyncio.aio_as_trio(functools.partial(fn, *args, **kwargs))()
+
+
+@pytest.fixture
+async def aio_loop() -> AsyncIterator[None]:
+    async with trio_asyncio.open_loop():
+        yield
+
+
+def make_config(data_dir: Path, **server: Any) -> Config:
+    return Config(data_dir=str(data_dir), server=ServerConfig(listen=["127.0.0.1:0"], **server))
+
+
+async def start_daemon(nursery: trio.Nursery, config: Config) -> Daemon:
+    return await nursery.start(functools.partial(run_daemon, config, handle_signals=False))
+
+
+@pytest.fixture
+async def daemon(aio_loop: None, tmp_path: Path, nursery: trio.Nursery) -> Daemon:
+    return await start_daemon(nursery, make_config(tmp_path / "data"))
+
+
+async def open_channel(port: int) -> Channel:
+    async def make() -> Channel:
+        return Channel("127.0.0.1", port, status_details_codec=StatusDetailsCodec())
+
+    return await trio_asyncio.aio_as_trio(make)()
+
+
+@pytest.fixture
+async def channel(daemon: Daemon) -> AsyncIterator[Channel]:
+    ch = await open_channel(daemon.port)
+    try:
+        yield ch
+    finally:
+        ch.close()
