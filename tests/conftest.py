@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import trio_asyncio  # noqa: F401 - must come before grpclib
-
 import pytest
 import trio
+import trio_asyncio
 from grpclib.client import Channel
 
 from reexec.daemon.app import Daemon, run_daemon
