@@ -1,0 +1,4 @@
+#!/bin/sh
+echo REEXEC_SLOW_TEST_STARTED
+sleep 30
+echo REEXEC_SLOW_TEST_FINISHED
