@@ -57,3 +57,12 @@ async def channel(daemon: Daemon) -> AsyncIterator[Channel]:
         yield ch
     finally:
         ch.close()
+
+
+async def collect(agen_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+    """Drain a server-streaming stub call (an asyncio async generator) from Trio."""
+
+    async def run() -> list[Any]:
+        return [item async for item in agen_fn(*args, **kwargs)]
+
+    return await trio_asyncio.aio_as_trio(run)()

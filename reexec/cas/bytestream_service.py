@@ -183,7 +183,8 @@ class ByteStreamService(Service):
                 upload.last_active = time.monotonic()
                 if request.finish_write:
                     self.uploads.uploads.pop(key, None)
-                    size = -1 if compressed else digest.size
+                    # Compressed uploads report the wire bytes they received.
+                    size = upload.committed_size if compressed else digest.size
                     await aio(stream.send_message, fastpb.WriteResponse(committed_size=size))
                     return
                 request = await aio(stream.recv_message)

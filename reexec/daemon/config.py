@@ -185,7 +185,10 @@ def check_semantics(config: Config, source: str) -> None:
     if not config.server.listen:
         fail("server.listen", "at least one address is required")
     for key in ("grace_period_s", "upload_idle_timeout_s"):
-        if getattr(config.server, key) < 0:
+        value = getattr(config.server, key)
+        if value != value:  # NaN compares false with everything, so `< 0` would let it pass
+            fail(f"server.{key}", "must be a number of seconds, not nan")
+        if value < 0:
             fail(f"server.{key}", "must not be negative")
 
 
@@ -231,9 +234,8 @@ def _raw_toml(text: bytes) -> Any:
 def explain(message: str, raw: Any = None) -> str:
     """Turn msgspec's message into one naming the key and the allowed keys or values."""
     m = _AT.match(message)
-    if not m:
-        return message
-    msg, path = m.group("msg"), m.group("path")
+    # msgspec omits the ` - at `$...`` suffix for errors at the top level.
+    msg, path = (m.group("msg"), m.group("path")) if m else (message, "")
     key = path.lstrip(".") or "(top level)"
     parts = [p for p in re.split(r"\.|\[\d+\]", path) if p]
     owner = _select_by_tag(_type_at(Config, parts), _raw_at(raw, parts))
@@ -247,6 +249,10 @@ def explain(message: str, raw: Any = None) -> str:
         tags = _tags_of(parent)
         if tags:
             return f"{key}: {msg.lower()}; allowed types: {', '.join(tags)}"
+    if msg == "Object missing required field `type`":
+        tags = _tags_of(_type_at(Config, parts))
+        if tags:
+            return f"{key}: missing key 'type'; allowed types: {', '.join(tags)}"
     if msg.startswith("Invalid enum value"):
         values = _literal_values(Config, [p for p in re.split(r"\.|\[\d+\]", path) if p])
         if values:
@@ -297,7 +303,10 @@ def _fields_of(tp: Any) -> list[str]:
     names: list[str] = []
     for t in _unwrap(tp):
         if isinstance(t, type) and issubclass(t, msgspec.Struct):
-            names += [f for f in t.__struct_fields__ if f not in names]
+            # A tagged struct's tag field (`type`) is a key the user may write too.
+            tag_field = t.__struct_config__.tag_field
+            fields = ([tag_field] if tag_field else []) + list(t.__struct_fields__)
+            names += [f for f in fields if f not in names]
     return names
 
 
