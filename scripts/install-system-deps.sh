@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# System packages the test suite needs: Debian's Bazel 4.2.3 (bazel-bootstrap) with its Java
+# rules for the end-to-end tests, and openssl for the TLS tests. Idempotent.
+set -euo pipefail
+
+need=()
+command -v bazel >/dev/null 2>&1 || need+=(bazel-bootstrap)
+[ -d /usr/share/bazel/rules/java ] || need+=(bazel-rules-java)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "need root (or sudo) to apt-get install ${need[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+echo "installing ${need[*]} with apt-get" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
