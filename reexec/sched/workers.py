@@ -1,0 +1,40 @@
+"""Connected workers as the scheduler sees them: capacity, properties, liveness. No I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from reexec.sched.matching import WorkerProperties
+
+AllocationStrategy = Literal["least_recently_used", "most_recently_used"]
+
+
+@dataclass(eq=False)
+class WorkerState:
+    worker_id: str
+    properties: WorkerProperties
+    max_inflight: int
+    connected_at: float
+    last_seen: float
+    # (operation name, attempt) pairs assigned to the worker and not yet reported back.
+    running: set[tuple[str, int]] = field(default_factory=set)
+    last_assigned: float = 0.0
+    going_away: bool = False
+    paused_until: float = 0.0  # after a decline, no new work for a moment
+    # Outgoing messages; the connection's sender task drains it.
+    outbox: object = None
+
+    def free_slots(self, now: float) -> int:
+        if self.going_away or now < self.paused_until:
+            return 0
+        return max(self.max_inflight - len(self.running), 0)
+
+
+def pick_worker(candidates: list[WorkerState], strategy: AllocationStrategy) -> WorkerState | None:
+    """Among matching workers with a free slot, the least (or most) recently assigned one."""
+    if not candidates:
+        return None
+    if strategy == "most_recently_used":
+        return max(candidates, key=lambda w: (w.last_assigned, w.worker_id))
+    return min(candidates, key=lambda w: (w.last_assigned, w.worker_id))
