@@ -168,7 +168,7 @@ async def test_capabilities(channel):
     assert cc.action_cache_update_capabilities.update_enabled
     ec = caps.execution_capabilities
     assert ec.digest_function == re.DigestFunctionValue.SHA256
-    assert ec.exec_enabled is False  # no scheduler configured
+    assert ec.exec_enabled is True  # the default config runs a scheduler
 
 
 async def test_configured_instances_and_read_only_ac(aio_loop, tmp_path, nursery):

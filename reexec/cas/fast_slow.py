@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 
@@ -22,18 +22,36 @@ class FastSlowStore(Store):
             return []
         return await self.slow.find_missing(not_fast)
 
+    async def _open_fast(
+        self, stack: AsyncExitStack, digest: Digest, offset: int
+    ) -> BlobReader | None:
+        """A reader from the fast store, or None on a miss.
+
+        Only *opening* is guarded: a BlobNotFound raised later by the caller's own code inside
+        `async with open_read(...)` must propagate, not be taken for a fast-store miss.
+        """
+        try:
+            return await stack.enter_async_context(self.fast.open_read(digest, offset))
+        except BlobNotFound:
+            return None
+
     @asynccontextmanager
     async def open_read(self, digest: Digest, offset: int = 0) -> AsyncIterator[BlobReader]:
-        try:
-            async with self.fast.open_read(digest, offset) as reader:
+        async with AsyncExitStack() as stack:
+            reader = await self._open_fast(stack, digest, offset)
+            if reader is not None:
                 yield reader
                 return
-        except BlobNotFound:
-            pass
         if offset:
             # A partial read cannot fill the fast store; fetch the whole blob first.
             await self._fill(digest)
-            async with self.fast.open_read(digest, offset) as reader:
+            async with AsyncExitStack() as stack:
+                reader = await self._open_fast(stack, digest, offset)
+                if reader is not None:
+                    yield reader
+                    return
+            # The fast store could not keep it (e.g. larger than its max_bytes): read slow.
+            async with self.slow.open_read(digest, offset) as reader:
                 yield reader
             return
         async with self.slow.open_read(digest) as slow_reader:
@@ -70,9 +88,11 @@ class FastSlowStore(Store):
         )
 
     async def put_bytes(self, digest: Digest, data: bytes) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.slow.put_bytes, digest, data)
-            nursery.start_soon(self.fast.put_bytes, digest, data)
+        # Slow first, like _BothWriter.commit: the fast store never holds a blob the slow one
+        # refused. (Concurrently, a fast store without checkpoints would store it regardless,
+        # and errors would surface wrapped in an ExceptionGroup instead of their own status.)
+        await self.slow.put_bytes(digest, data)
+        await self.fast.put_bytes(digest, data)
 
     async def aclose(self) -> None:
         await self.fast.aclose()
@@ -91,23 +111,23 @@ class _TeeReader:
         self._reader = reader
         self._writer = writer
         self.size = reader.size
-        self._complete = False
+        self._copied = 0
         self._failed = False
 
     async def read(self, n: int = READ_CHUNK) -> bytes:
         chunk = await self._reader.read(n)
-        if chunk:
-            if not self._failed:
-                try:
-                    await self._writer.write(chunk)
-                except Exception:
-                    self._failed = True
-        else:
-            self._complete = True
+        if chunk and not self._failed:
+            try:
+                await self._writer.write(chunk)
+                self._copied += len(chunk)
+            except Exception:
+                self._failed = True
         return chunk
 
     async def finish(self) -> None:
-        if self._complete and not self._failed:
+        # Complete once every byte was copied, whether or not the caller went on to read the
+        # final b"" (ByteStream.Read stops as soon as it has sent `size` bytes).
+        if self._copied == self.size and not self._failed:
             try:
                 await self._writer.commit()
                 return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,7 +21,13 @@ from pathlib import Path
 
 import trio
 
-from reexec.cas.digest import Digest, DigestFunction, is_empty
+from reexec.cas.digest import (
+    SUPPORTED_FUNCTIONS,
+    Digest,
+    DigestFunction,
+    hex_length,
+    is_empty,
+)
 from reexec.cas.lru import LruIndex
 from reexec.cas.store import (
     READ_CHUNK,
@@ -38,6 +45,8 @@ log = logging.getLogger(__name__)
 # Writes are gathered into chunks of this size before a thread writes them: one thread hop per
 # MiB instead of one per client chunk (Bazel sends 16 KiB chunks).
 WRITE_BUFFER = 1 << 20
+
+_LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 
 class FilesystemStore(Store):
@@ -77,19 +86,28 @@ class FilesystemStore(Store):
         self._blobs_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         for leftover in os.scandir(self._tmp_dir):
+            if leftover.is_dir(follow_symlinks=False):
+                log.warning("ignoring unexpected directory %s", leftover.path)
+                continue
             _remove_quietly(leftover.path)
         found: list[tuple[int, Digest]] = []
         for fn_entry in os.scandir(self._blobs_dir):
             try:
                 function = DigestFunction[fn_entry.name.upper()]
             except KeyError:
-                log.warning("ignoring unknown directory %s", fn_entry.path)
+                function = None
+            if function is None or not fn_entry.is_dir(follow_symlinks=False):
+                log.warning("ignoring unknown entry %s", fn_entry.path)
                 continue
             for shard in os.scandir(fn_entry.path):
                 if not shard.is_dir(follow_symlinks=False):
                     continue
                 for f in os.scandir(shard.path):
-                    digest = _parse_file_name(f.name, function)
+                    if f.is_dir(follow_symlinks=False):
+                        # Never ours; unlink(2) cannot remove it and must not abort start().
+                        log.warning("ignoring unexpected directory %s", f.path)
+                        continue
+                    digest = _parse_file_name(f.name, function, shard.name)
                     st = f.stat(follow_symlinks=False)
                     if digest is None or st.st_size != digest.size:
                         log.warning("removing corrupt or foreign file %s", f.path)
@@ -283,9 +301,11 @@ class _FileWriter:
             )
         await self._flush()
         store = self._store
-        fd, self._fd = self._fd, None
-        assert fd is not None
         async with store._mutate:
+            # Taken only once the lock is held: a cancellation while waiting for it leaves the
+            # fd with the writer, so abort() can still close it and remove the temp file.
+            fd, self._fd = self._fd, None
+            assert fd is not None
             if store._lru.touch(self.digest):
                 await trio.to_thread.run_sync(_close_and_remove, fd, self._path)
                 return
@@ -339,8 +359,16 @@ def _touch_quietly(path: Path) -> None:
         pass
 
 
-def _parse_file_name(name: str, function: DigestFunction) -> Digest | None:
+def _parse_file_name(name: str, function: DigestFunction, shard: str) -> Digest | None:
+    """The digest a file named `{hash}-{size}` in `{function}/{shard}/` holds, if it is one
+    of ours: the hash must fit the function and the shard, the size must be canonical."""
     hash_hex, sep, size_text = name.partition("-")
-    if not sep or not size_text.isdigit():
+    if not sep or not size_text.isascii() or not size_text.isdigit():
+        return None
+    if function not in SUPPORTED_FUNCTIONS or len(hash_hex) != hex_length(function):
+        return None
+    if not _LOWER_HEX.fullmatch(hash_hex) or hash_hex[:2] != shard:
+        return None
+    if str(int(size_text)) != size_text:
         return None
     return Digest(hash_hex, int(size_text), function)

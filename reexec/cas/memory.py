@@ -38,7 +38,12 @@ class MemoryStore(Store):
         if data is None:
             raise BlobNotFound(digest)
         self._lru.touch(digest)
-        yield BytesReader(data, offset)
+        # Pinned like the filesystem store's reads: a blob being read stays listed.
+        self._lru.pin(digest)
+        try:
+            yield BytesReader(data, offset)
+        finally:
+            self._lru.unpin(digest)
 
     async def get_bytes(self, digest: Digest) -> bytes:
         if is_empty(digest):

@@ -88,8 +88,11 @@ def _parse_blob_part(name: str, segs: list[str], i: int) -> tuple[Digest, Compre
     i += 1
     rest = segs[i:]
     function = 0
-    if len(rest) >= 3 and not _is_lower_hex(rest[0]):
-        function = int(parse_function_name(rest[0]))
+    if len(rest) >= 3 and _names_function(rest[0]):
+        try:
+            function = int(parse_function_name(rest[0]))
+        except InvalidArgument as e:
+            raise _bad(name, e.message) from None
         rest = rest[1:]
     if len(rest) < 2:
         raise _bad(name, "expected .../{hash}/{size}")
@@ -102,9 +105,10 @@ def _parse_blob_part(name: str, segs: list[str], i: int) -> tuple[Digest, Compre
         raise _bad(name, e.message) from None
 
 
-def _is_lower_hex(segment: str) -> bool:
-    # A hash is lowercase hex; anything else in that position names a digest function.
-    return bool(segment) and all(c in "0123456789abcdef" for c in segment)
+def _names_function(segment: str) -> bool:
+    # Every function name has a non-hex letter (sha256, blake3, md5, ...). A segment of hex
+    # digits, even upper-case ones, is a (possibly malformed) hash: make_digest names its fault.
+    return not segment or not all(c in "0123456789abcdefABCDEF" for c in segment)
 
 
 def _instance(name: str, segs: list[str], end: int) -> str:

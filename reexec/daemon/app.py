@@ -28,9 +28,13 @@ from reexec.cas.capabilities_service import CapabilitiesService
 from reexec.cas.cas_service import CasService
 from reexec.cas.factory import build_action_cache, build_store
 from reexec.cas.store import Store
-from reexec.daemon.config import Config, parse_size
+from reexec.daemon.config import Config, SchedulerConfig, parse_size
 from reexec.daemon.grpc_server import GrpcServer, make_ssl_context
 from reexec.rpc import RpcGate, Servable, Service
+from reexec.sched.matching import PropertyModifier
+from reexec.sched.scheduler import Scheduler, SchedulerSettings
+from reexec.sched.service import ExecutionService, OperationsService
+from reexec.sched.worker_service import WorkerService
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class Daemon:
     ac: ActionCache
     server: GrpcServer
     services: list[Service] = field(default_factory=list)
+    scheduler: Scheduler | None = None
 
     @property
     def port(self) -> int:
@@ -58,16 +63,50 @@ async def open_stores(config: Config) -> tuple[Store, ActionCache]:
     return cas, ac
 
 
+def scheduler_settings(c: SchedulerConfig) -> SchedulerSettings:
+    modifiers = []
+    for m in c.property_modifier:
+        if m.add is not None:
+            modifiers.append(PropertyModifier("add", m.add.name, m.add.value))
+        elif m.replace is not None:
+            modifiers.append(PropertyModifier("replace", m.replace.name, m.replace.value))
+        elif m.remove is not None:
+            modifiers.append(PropertyModifier("remove", m.remove))
+    return SchedulerSettings(
+        rules=dict(c.supported_platform_properties),
+        modifiers=tuple(modifiers),
+        allocation=c.allocation_strategy,
+        worker_timeout_s=c.worker_timeout_s,
+        client_action_timeout_s=c.client_action_timeout_s,
+        max_action_executing_timeout_s=c.max_action_executing_timeout_s,
+        retain_completed_for_s=c.retain_completed_for_s,
+        max_job_retries=c.max_job_retries,
+        max_action_timeout_s=c.max_action_timeout_s,
+        default_action_timeout_s=c.default_action_timeout_s,
+    )
+
+
 def build_services(
-    config: Config, cas: Store, ac: ActionCache, uploads: UploadTable
+    config: Config,
+    cas: Store,
+    ac: ActionCache,
+    uploads: UploadTable,
+    scheduler: Scheduler | None = None,
 ) -> list[Service]:
     s = config.server
     max_batch = parse_size(s.max_batch_total_size_bytes)
+    scheduling: list[Service] = []
+    if scheduler is not None:
+        scheduling = [
+            ExecutionService(scheduler, cas, instances=s.instances),
+            OperationsService(scheduler),
+            WorkerService(scheduler, cas),
+        ]
     return [
         CapabilitiesService(
             instances=s.instances,
             max_batch_total_size_bytes=max_batch,
-            exec_enabled=False,
+            exec_enabled=scheduler is not None,
             ac_update_enabled=s.ac_allow_updates,
         ),
         CasService(cas, instances=s.instances, max_batch_total_size_bytes=max_batch),
@@ -79,6 +118,7 @@ def build_services(
             max_inline_bytes=parse_size(s.max_inline_bytes),
             allow_updates=s.ac_allow_updates,
         ),
+        *scheduling,
     ]
 
 
@@ -92,7 +132,12 @@ async def run_daemon(
     async with _asyncio_loop():
         cas, ac = await open_stores(config)
         uploads = UploadTable(config.server.upload_idle_timeout_s)
-        services = build_services(config, cas, ac, uploads)
+        scheduler = (
+            Scheduler(scheduler_settings(config.scheduler), ac)
+            if config.scheduler.enabled
+            else None
+        )
+        services = build_services(config, cas, ac, uploads, scheduler)
         tls = config.server.tls
         server = GrpcServer(
             Servable(services, RpcGate()),
@@ -101,9 +146,11 @@ async def run_daemon(
         )
         try:
             async with trio.open_nursery() as nursery:
+                if scheduler is not None:
+                    await nursery.start(scheduler.run)
                 await server.start()
                 nursery.start_soon(uploads.run_expiry)
-                daemon = Daemon(config, cas, ac, server, services)
+                daemon = Daemon(config, cas, ac, server, services, scheduler)
                 if handle_signals:
                     nursery.start_soon(
                         _watch_signals, server, config.server.grace_period_s, nursery

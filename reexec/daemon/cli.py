@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"])
-    check = sub.add_parser("check-config", help="validate a config file and print the result")
+    check = sub.add_parser(
+        "check-config", help="validate a config file and print the effective configuration"
+    )
     check.add_argument("config", nargs="?", help="TOML config file")
     return p
 
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         import msgspec
 
-        print(msgspec.toml.encode(config).decode())
+        # The effective configuration, defaults filled in (JSON: TOML encoding needs tomli_w).
+        print(msgspec.json.format(msgspec.json.encode(config)).decode())
         return 0
     if args.data_dir:
         config.data_dir = args.data_dir

@@ -125,6 +125,51 @@ class LogConfig(_Base):
     format: Literal["text", "json"] = "text"
 
 
+# -- Scheduler --------------------------------------------------------------------------------
+
+
+class NameValue(_Base):
+    name: str
+    value: str
+
+
+class PropertyModifierConfig(_Base):
+    """Exactly one of: add (when absent), remove (by name), replace (when present)."""
+
+    add: NameValue | None = None
+    remove: str | None = None
+    replace: NameValue | None = None
+
+
+PropertyRuleName = Literal["exact", "minimum", "priority", "ignore"]
+
+
+class SchedulerConfig(_Base):
+    enabled: bool = True
+    """Run the scheduler (Execution service). Off: a cache-only server."""
+    supported_platform_properties: dict[str, PropertyRuleName] = msgspec.field(default_factory=dict)
+    """Platform property name -> exact | minimum | priority | ignore; others are refused."""
+    allocation_strategy: Literal["least_recently_used", "most_recently_used"] = (
+        "least_recently_used"
+    )
+    worker_timeout_s: float = 5.0
+    """A worker silent this long is dropped and its actions requeued."""
+    client_action_timeout_s: float = 60.0
+    """An action no client has waited on for this long is cancelled (0: never)."""
+    max_action_executing_timeout_s: float = 0.0
+    """An executing action with no progress report for this long is requeued (0: off)."""
+    retain_completed_for_s: float = 60.0
+    """Completed operations stay visible to WaitExecution / GetOperation this long."""
+    max_job_retries: int = 3
+    """Infrastructure failures are retried on another worker this many times."""
+    max_action_timeout_s: float = 1200.0
+    """Actions asking for a longer timeout are refused (INVALID_ARGUMENT)."""
+    default_action_timeout_s: float = 600.0
+    """Timeout of actions that set none (capped by max_action_timeout_s)."""
+    property_modifier: list[PropertyModifierConfig] = msgspec.field(default_factory=list)
+    """Rewrites of every action's platform properties, applied in order before queueing."""
+
+
 def _default_cas() -> StoreConfig:
     return VerifyStoreConfig(inner=FilesystemStoreConfig())
 
@@ -139,6 +184,7 @@ class Config(_Base):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     cas: StoreConfig = msgspec.field(default_factory=_default_cas)
     action_cache: ActionCacheConfig = msgspec.field(default_factory=_default_ac)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
 
 
 class ConfigError(Exception):

@@ -107,6 +107,7 @@ class Scheduler:
         self._wake = trio.Event()
         self._unwatched: dict[str, float] = {}
         self._retained: deque[tuple[float, str]] = deque()
+        self._nursery: trio.Nursery | None = None
         # Monotonic `now` values become wall-clock timestamps through this offset.
         self._wall_offset = time.time() - trio.current_time()
 
@@ -224,6 +225,23 @@ class Scheduler:
 
     def cancel(self, name: str, reason: str = "cancelled by the client") -> Operation | None:
         return self.apply(name, Cancel(self.now(), reason))
+
+    # -- tasks ------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the scheduler's background tasks: dispatcher, timers, cache checks."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.run_dispatcher)
+            nursery.start_soon(self.run_monitor)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def spawn_cache_check(self, op: Operation) -> None:
+        # In the scheduler's nursery, not the client's handler: a client that disconnects during
+        # the lookup must not strand other clients merged into the same operation.
+        assert self._nursery is not None, "Scheduler.run is not running"
+        self._nursery.start_soon(self.check_cache, op)
 
     # -- dispatch ---------------------------------------------------------------------------------
 

@@ -1,0 +1,177 @@
+"""Execution and Operations services: the gRPC edge of the scheduler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import trio
+
+from reexec import fastpb
+from reexec.cas.store import Store
+from reexec.errors import FailedPrecondition, InvalidArgument, NotFound
+from reexec.rpc import Cardinality, Service, Stream, aio, streaming, unary
+from reexec.sched.messages import operation_message
+from reexec.sched.scheduler import Scheduler
+from reexec.sched.state import Operation, Stage
+from reexec.sched.validation import validate_execute
+
+log = logging.getLogger(__name__)
+
+# An Execute stream with nothing new re-sends the current state this often, so idle
+# connections stay alive through proxies and clients see the operation is still there.
+RESEND_INTERVAL_S = 30.0
+
+
+class ExecutionService(Service):
+    SERVICE = "build.bazel.remote.execution.v2.Execution"
+
+    def __init__(self, scheduler: Scheduler, cas: Store, *, instances: Sequence[str] = ()) -> None:
+        self.scheduler = scheduler
+        self.cas = cas
+        self.instances = tuple(instances)
+
+    def rpcs(self):  # type: ignore[no-untyped-def]
+        return {
+            "Execute": streaming(
+                self.execute, Cardinality.UNARY_STREAM, fastpb.ExecuteRequest, fastpb.Operation
+            ),
+            "WaitExecution": streaming(
+                self.wait_execution,
+                Cardinality.UNARY_STREAM,
+                fastpb.message_class("build.bazel.remote.execution.v2.WaitExecutionRequest"),
+                fastpb.Operation,
+            ),
+        }
+
+    async def execute(self, stream: Stream) -> None:
+        request = await aio(stream.recv_message)
+        spec, _, _ = await validate_execute(
+            request, self.cas, self.scheduler.settings, self.instances
+        )
+        op, merged = self.scheduler.submit(spec)
+        try:
+            if not merged:
+                self.scheduler.spawn_cache_check(op)
+            await stream_operation(self.scheduler, stream, op)
+        finally:
+            self.scheduler.detach(op.name)
+
+    async def wait_execution(self, stream: Stream) -> None:
+        request = await aio(stream.recv_message)
+        op = self.scheduler.attach(request.name)
+        if op is None:
+            raise NotFound(f"operation {request.name!r} is unknown or expired")
+        try:
+            await stream_operation(self.scheduler, stream, op)
+        finally:
+            self.scheduler.detach(op.name)
+
+
+async def stream_operation(scheduler: Scheduler, stream: Stream, op: Operation) -> None:
+    """Send the operation at every stage change until it completes."""
+    sent_stage: Stage | None = None
+    while True:
+        if op.stage is not sent_stage:
+            await aio(stream.send_message, operation_message(op))
+            sent_stage = op.stage
+        if op.done:
+            return
+        with trio.move_on_after(RESEND_INTERVAL_S) as idle:
+            changed = await scheduler.store.wait_changed(op)
+        if idle.cancelled_caught:
+            sent_stage = None
+            continue
+        if changed is None:
+            raise NotFound(f"operation {op.name} disappeared")
+        op = changed
+
+
+class OperationsService(Service):
+    SERVICE = "google.longrunning.Operations"
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def rpcs(self):  # type: ignore[no-untyped-def]
+        m = fastpb.message_class
+        empty = m("google.protobuf.Empty")
+        return {
+            "GetOperation": unary(
+                self.get_operation, m("google.longrunning.GetOperationRequest"), fastpb.Operation
+            ),
+            "ListOperations": unary(
+                self.list_operations,
+                m("google.longrunning.ListOperationsRequest"),
+                m("google.longrunning.ListOperationsResponse"),
+            ),
+            "CancelOperation": unary(
+                self.cancel_operation, m("google.longrunning.CancelOperationRequest"), empty
+            ),
+            "DeleteOperation": unary(
+                self.delete_operation, m("google.longrunning.DeleteOperationRequest"), empty
+            ),
+            "WaitOperation": unary(
+                self.wait_operation, m("google.longrunning.WaitOperationRequest"), fastpb.Operation
+            ),
+        }
+
+    def _get(self, name: str) -> Operation:
+        op = self.scheduler.store.get(name)
+        if op is None:
+            raise NotFound(f"operation {name!r} is unknown or expired")
+        return op
+
+    async def get_operation(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
+        return operation_message(self._get(request.name))
+
+    async def list_operations(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
+        if request.filter:
+            raise InvalidArgument("ListOperations filters are not supported")
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size {request.page_size} is negative")
+        ops = sorted(self.scheduler.store, key=lambda o: (o.created_at, o.name))
+        start = 0
+        if request.page_token:
+            if not request.page_token.isdigit():
+                raise InvalidArgument(f"invalid page_token {request.page_token!r}")
+            start = int(request.page_token)
+        size = request.page_size or 1000
+        resp = fastpb.message_class("google.longrunning.ListOperationsResponse")()
+        for op in ops[start : start + size]:
+            resp.operations.append(operation_message(op))
+        if start + size < len(ops):
+            resp.next_page_token = str(start + size)
+        return resp
+
+    async def cancel_operation(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
+        op = self._get(request.name)
+        if op.waiters > 1:
+            raise FailedPrecondition(
+                f"operation {op.name} is shared by {op.waiters} waiting clients; it is not "
+                "cancelled while others wait for it"
+            )
+        self.scheduler.cancel(op.name)
+        return fastpb.message_class("google.protobuf.Empty")()
+
+    async def delete_operation(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
+        op = self._get(request.name)
+        if not op.done:
+            raise FailedPrecondition(f"operation {op.name} is still running; cancel it first")
+        self.scheduler.store.delete(op)
+        return fastpb.message_class("google.protobuf.Empty")()
+
+    async def wait_operation(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
+        op = self._get(request.name)
+        timeout = (
+            request.timeout.seconds + request.timeout.nanos / 1e9
+            if request.HasField("timeout")
+            else 60.0
+        )
+        with trio.move_on_after(timeout):
+            while not op.done:
+                changed = await self.scheduler.store.wait_changed(op)
+                if changed is None:
+                    break
+                op = changed
+        return operation_message(op)

@@ -1,0 +1,217 @@
+"""WorkerApi.Connect: the scheduler's end of a worker's bidirectional stream.
+
+One Trio task receives the worker's messages and feeds them to the scheduler as events; a
+second sends what the scheduler put in the worker's outbox. StartExecute messages are built by
+the sender, which reads the Action and Command from the CAS there, so no CAS read ever holds up
+the dispatcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+from grpclib.const import Status
+
+from reexec import fastpb
+from reexec.cas.action_cache import ActionKey
+from reexec.cas.digest import make_digest
+from reexec.cas.store import BlobNotFound, Store
+from reexec.errors import FailedPrecondition, InvalidArgument, Violation
+from reexec.rpc import Cardinality, Service, Stream, aio, streaming
+from reexec.sched.scheduler import Scheduler, action_key_of
+from reexec.sched.state import Operation, Outcome, Stage
+from reexec.sched.workers import WorkerState
+
+log = logging.getLogger(__name__)
+
+_m = fastpb.message_class
+WorkerMessage = _m("reexec.worker.v1.WorkerMessage")
+SchedulerMessage = _m("reexec.worker.v1.SchedulerMessage")
+
+
+def _outcome_of(finished: fastpb.Message, worker_id: str) -> tuple[Outcome, int | None]:
+    """The Outcome of a worker's Finished message, and the exit code if the command ran."""
+    status = Status(finished.status.code) if finished.HasField("status") else Status.OK
+    result = b""
+    exit_code = None
+    if finished.HasField("result"):
+        r = finished.result
+        if not r.execution_metadata.worker:
+            r.execution_metadata.worker = worker_id
+        result = r.SerializeToString()
+        exit_code = r.exit_code
+    return (
+        Outcome(
+            status=status,
+            message=finished.status.message or finished.message,
+            result=result,
+            status_details=tuple((d.type_url, d.value) for d in finished.status.details),
+            server_logs=tuple((k, v.SerializeToString()) for k, v in finished.server_logs.items()),
+        ),
+        exit_code,
+    )
+
+
+class WorkerService(Service):
+    SERVICE = "reexec.worker.v1.WorkerApi"
+
+    def __init__(self, scheduler: Scheduler, cas: Store) -> None:
+        self.scheduler = scheduler
+        self.cas = cas
+
+    def rpcs(self):  # type: ignore[no-untyped-def]
+        return {
+            "Connect": streaming(
+                self.connect, Cardinality.STREAM_STREAM, WorkerMessage, SchedulerMessage
+            )
+        }
+
+    async def connect(self, stream: Stream) -> None:
+        first = await aio(stream.recv_message)
+        if first is None or first.WhichOneof("kind") != "register":
+            raise InvalidArgument("the first message on WorkerApi.Connect must be Register")
+        reg = first.register
+        if not reg.worker_id:
+            raise InvalidArgument("Register.worker_id is empty")
+        send, receive = trio.open_memory_channel[tuple[str, str, int]](math.inf)
+        props = [(p.name, p.value) for p in reg.platform.properties]
+        worker = self.scheduler.register_worker(reg.worker_id, props, reg.max_inflight_tasks, send)
+        try:
+            hello = SchedulerMessage()
+            interval = max(self.scheduler.settings.worker_timeout_s / 3, 0.05)
+            hello.registered.keepalive_interval.FromNanoseconds(int(interval * 1e9))
+            await aio(stream.send_message, hello)
+            for name in reg.running_operations:
+                op = self.scheduler.store.get(name)
+                if (
+                    op is None
+                    or op.stage is not Stage.EXECUTING
+                    or op.worker_id != worker.worker_id
+                ):
+                    send.send_nowait(("cancel", name, 0))
+                else:
+                    worker.running.add((name, op.attempt))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender, stream, worker, receive)
+                await self._receiver(stream, worker)
+                nursery.cancel_scope.cancel()
+        finally:
+            send.close()
+            self.scheduler.worker_lost(worker, "disconnected")
+
+    async def _receiver(self, stream: Stream, worker: WorkerState) -> None:
+        scheduler = self.scheduler
+        while True:
+            msg = await aio(stream.recv_message)
+            if msg is None:
+                return
+            scheduler.worker_seen(worker)
+            kind = msg.WhichOneof("kind")
+            if kind == "keepalive":
+                continue
+            if kind == "progress":
+                scheduler.progress(worker, msg.progress.operation_name, msg.progress.attempt)
+            elif kind == "finished":
+                await self._finished(worker, msg.finished)
+            elif kind == "declined":
+                d = msg.declined
+                scheduler.declined(worker, d.operation_name, d.attempt, d.reason)
+            elif kind == "going_away":
+                scheduler.worker_going_away(worker)
+            else:
+                raise InvalidArgument(f"unexpected worker message {kind!r}")
+
+    async def _finished(self, worker: WorkerState, finished: fastpb.Message) -> None:
+        name, attempt = finished.operation_name, finished.attempt
+        outcome, exit_code = _outcome_of(finished, worker.worker_id)
+        op = self.scheduler.store.get(name)
+        current = (
+            op is not None
+            and op.stage is Stage.EXECUTING
+            and op.worker_id == worker.worker_id
+            and op.attempt == attempt
+        )
+        if (
+            current
+            and op is not None
+            and not finished.retryable
+            and outcome.status is Status.OK
+            and exit_code == 0
+            and not op.do_not_cache
+        ):
+            # Written before the operation completes, so an identical Execute arriving right
+            # after the completion finds the result instead of running the action again.
+            try:
+                await self.scheduler.ac.put(action_key_of(op), outcome.result)
+            except Exception:
+                log.exception("could not write the action cache entry for %s", name)
+        self.scheduler.finished(worker, name, attempt, outcome, finished.retryable)
+
+    async def _sender(
+        self,
+        stream: Stream,
+        worker: WorkerState,
+        outbox: trio.MemoryReceiveChannel[tuple[str, str, int]],
+    ) -> None:
+        async for kind, name, attempt in outbox:
+            if kind == "cancel":
+                msg = SchedulerMessage()
+                msg.cancel_execute.operation_name = name
+                msg.cancel_execute.attempt = attempt
+                await aio(stream.send_message, msg)
+                continue
+            op = self.scheduler.store.get(name)
+            if op is None or op.stage is not Stage.EXECUTING or op.attempt != attempt:
+                continue  # cancelled or requeued meanwhile; the slot was released with it
+            try:
+                msg = await self._start_message(op)
+            except FailedPrecondition as e:
+                outcome = Outcome(
+                    status=e.status,
+                    message=e.message,
+                    status_details=_precondition_details(e.violations),
+                )
+                self.scheduler.finished(worker, name, attempt, outcome, retryable=False)
+                continue
+            await aio(stream.send_message, msg)
+
+    async def _start_message(self, op: Operation) -> fastpb.Message:
+        key: ActionKey = action_key_of(op)
+        digest = key.digest
+        try:
+            action_bytes = await self.cas.get_bytes(digest)
+            action = fastpb.Action.FromString(action_bytes)
+            cd = action.command_digest
+            command_bytes = await self.cas.get_bytes(
+                make_digest(cd.hash, cd.size_bytes, int(digest.function))
+            )
+        except BlobNotFound as e:
+            raise FailedPrecondition(
+                f"{e.digest.blob_path} left the CAS before the action started",
+                [Violation("MISSING", e.digest.blob_path, "evicted from the CAS")],
+            ) from None
+        msg = SchedulerMessage()
+        start = msg.start_execute
+        start.operation_name = op.name
+        start.attempt = op.attempt
+        start.instance_name = key.instance
+        start.action_digest.hash = digest.hash
+        start.action_digest.size_bytes = digest.size
+        start.digest_function = int(digest.function)
+        start.action = action_bytes
+        start.command = command_bytes
+        start.timeout.FromNanoseconds(int(op.timeout_s * 1e9))
+        start.queued_timestamp.FromNanoseconds(int(self.scheduler.wall(op.queued_at) * 1e9))
+        start.skip_cache_lookup = op.skip_cache_lookup
+        return msg
+
+
+def _precondition_details(violations: tuple[Violation, ...]) -> tuple[tuple[str, bytes], ...]:
+    if not violations:
+        return ()
+    pf = fastpb.PreconditionFailure()
+    for v in violations:
+        pf.violations.add(type=v.type, subject=v.subject, description=v.description)
+    return (("type.googleapis.com/google.rpc.PreconditionFailure", pf.SerializeToString()),)

@@ -1,0 +1,291 @@
+"""Action caches: memory, filesystem and the completeness-checking decorator."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from reexec import fastpb
+from reexec.cas.action_cache import (
+    ActionCache,
+    ActionKey,
+    FilesystemActionCache,
+    MemoryActionCache,
+)
+from reexec.cas.completeness import (
+    CompletenessCheckingActionCache,
+    direct_references,
+    missing_references,
+)
+from reexec.cas.digest import Digest, DigestFunction, digest_of, empty_digest
+from reexec.cas.memory import MemoryStore
+from reexec.errors import InvalidArgument
+
+
+def key(instance: str, n: int, fn: DigestFunction = DigestFunction.SHA256) -> ActionKey:
+    return ActionKey(instance, digest_of(f"action {n}".encode(), fn))
+
+
+def result_bytes(n: int, size: int = 20) -> bytes:
+    return (f"result {n} ".encode() * size)[:size]
+
+
+async def new_fs_ac(root: Path, max_bytes: int = 0) -> FilesystemActionCache:
+    ac = FilesystemActionCache(root, max_bytes)
+    await ac.start()
+    return ac
+
+
+Factory = Callable[[Path, int], Awaitable[ActionCache]]
+
+
+async def new_memory_ac(root: Path, max_bytes: int = 0) -> MemoryActionCache:
+    return MemoryActionCache(max_bytes)
+
+
+@pytest.fixture(params=["memory", "filesystem"])
+def make_ac(request: pytest.FixtureRequest) -> Factory:
+    return new_memory_ac if request.param == "memory" else new_fs_ac
+
+
+async def test_get_put_and_per_instance_keys(make_ac: Factory, tmp_path: Path) -> None:
+    ac = await make_ac(tmp_path / "ac", 0)
+    k = key("", 1)
+    assert await ac.get(k) is None
+    await ac.put(k, b"first")
+    assert await ac.get(k) == b"first"
+    # Same digest, other instances: separate entries.
+    for inst in ("a", "a/b", "b", "with spaces/and/slashes"):
+        assert await ac.get(ActionKey(inst, k.digest)) is None
+    await ac.put(ActionKey("a", k.digest), b"for a")
+    await ac.put(ActionKey("a/b", k.digest), b"for a/b")
+    assert await ac.get(k) == b"first"
+    assert await ac.get(ActionKey("a", k.digest)) == b"for a"
+    assert await ac.get(ActionKey("a/b", k.digest)) == b"for a/b"
+    # Same hash under another digest function: another entry.
+    assert await ac.get(ActionKey("", k.digest._replace(function=DigestFunction.BLAKE3))) is None
+    # Overwrite.
+    await ac.put(k, b"second")
+    assert await ac.get(k) == b"second"
+    assert ac.stats()["entries"] == 3
+
+
+async def test_empty_result_is_a_hit(make_ac: Factory, tmp_path: Path) -> None:
+    # An ActionResult with every field at its default serializes to b"".
+    ac = await make_ac(tmp_path / "ac", 0)
+    await ac.put(key("", 1), b"")
+    assert await ac.get(key("", 1)) == b""
+
+
+async def test_eviction_lru(make_ac: Factory, tmp_path: Path) -> None:
+    ac = await make_ac(tmp_path / "ac", 60)
+    keys = [key("i", n) for n in range(4)]
+    for n, k in enumerate(keys[:3]):
+        await ac.put(k, result_bytes(n))
+    assert await ac.get(keys[0]) == result_bytes(0)  # keys[1] is now the oldest
+    await ac.put(keys[3], result_bytes(3))
+    got = [await ac.get(k) for k in keys]
+    assert got == [result_bytes(0), None, result_bytes(2), result_bytes(3)]
+    assert ac.stats()["evictions"] == 1
+    assert ac.stats()["bytes"] == 60
+    # Overwriting with a bigger result re-accounts its size.
+    await ac.put(keys[0], result_bytes(0, 40))
+    assert ac.stats()["bytes"] <= 60
+    assert await ac.get(keys[0]) == result_bytes(0, 40)
+
+
+async def test_filesystem_persists_across_restart(tmp_path: Path) -> None:
+    ac = await new_fs_ac(tmp_path)
+    entries = {
+        key(inst, n, fn): result_bytes(n + len(inst))
+        for n in range(3)
+        for inst in ("", "x")
+        for fn in (DigestFunction.SHA256, DigestFunction.BLAKE3)
+    }
+    for k, v in entries.items():
+        await ac.put(k, v)
+    again = await new_fs_ac(tmp_path)
+    for k, v in entries.items():
+        assert await again.get(k) == v
+    assert again.stats()["entries"] == len(entries)
+    assert again.stats()["bytes"] == sum(map(len, entries.values()))
+
+
+async def test_filesystem_restart_evicts_oldest_by_mtime_and_cleans_tmp(tmp_path: Path) -> None:
+    ac = await new_fs_ac(tmp_path)
+    keys = [key("", n) for n in range(3)]
+    for n, k in enumerate(keys):
+        await ac.put(k, result_bytes(n))
+    for age, n in enumerate((1, 0, 2)):  # oldest first
+        t = 1_700_000_000 + 10 * age
+        os.utime(tmp_path / ac._rel_path(keys[n]), (t, t))
+    (tmp_path / "tmp" / "leftover").write_bytes(b"partial")
+    again = await new_fs_ac(tmp_path, max_bytes=40)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert [await again.get(k) for k in keys] == [result_bytes(0), None, result_bytes(2)]
+    assert not (tmp_path / ac._rel_path(keys[1])).exists()
+
+
+async def test_filesystem_entry_deleted_behind_our_back_is_a_miss(tmp_path: Path) -> None:
+    ac = await new_fs_ac(tmp_path)
+    k = key("", 1)
+    await ac.put(k, b"x")
+    (tmp_path / ac._rel_path(k)).unlink()
+    assert await ac.get(k) is None
+    assert ac.stats()["entries"] == 0
+
+
+# -- completeness ---------------------------------------------------------------------------
+
+
+class Blobs:
+    """Blobs for an ActionResult, stored in a MemoryStore on demand."""
+
+    def __init__(self, fn: DigestFunction = DigestFunction.SHA256) -> None:
+        self.fn = fn
+        self.cas = MemoryStore(0)
+        self.data: dict[Digest, bytes] = {}
+
+    def make(self, content: bytes) -> Digest:
+        d = digest_of(content, self.fn)
+        self.data[d] = content
+        return d
+
+    async def store(self, *except_: Digest) -> None:
+        for d, content in self.data.items():
+            if d not in except_:
+                await self.cas.put_bytes(d, content)
+
+
+def wire(d: Digest) -> object:
+    return fastpb.Digest(hash=d.hash, size_bytes=d.size)
+
+
+def build_result(blobs: Blobs) -> tuple[bytes, dict[str, Digest]]:
+    """An ActionResult with two output files, stdout/stderr and an output directory."""
+    named: dict[str, Digest] = {
+        "out1": blobs.make(b"output file one"),
+        "out2": blobs.make(b"output file two"),
+        "stdout": blobs.make(b"hello from stdout"),
+        "stderr": blobs.make(b"warnings"),
+        "nested_a": blobs.make(b"file a inside the tree"),
+        "nested_b": blobs.make(b"file b in a subdirectory"),
+    }
+    child = fastpb.Directory(files=[fastpb.FileNode(name="b.txt", digest=wire(named["nested_b"]))])
+    child_digest = blobs.make(child.SerializeToString())
+    root = fastpb.Directory(
+        files=[
+            fastpb.FileNode(name="a.txt", digest=wire(named["nested_a"])),
+            fastpb.FileNode(name="empty", digest=wire(empty_digest(blobs.fn))),
+        ],
+        directories=[fastpb.DirectoryNode(name="sub", digest=wire(child_digest))],
+    )
+    tree = fastpb.Tree(root=root, children=[child])
+    named["tree"] = blobs.make(tree.SerializeToString())
+    result = fastpb.ActionResult(
+        output_files=[
+            fastpb.OutputFile(path="out/1", digest=wire(named["out1"])),
+            fastpb.OutputFile(path="out/2", digest=wire(named["out2"])),
+            fastpb.OutputFile(path="out/empty", digest=wire(empty_digest(blobs.fn))),
+        ],
+        output_directories=[
+            fastpb.OutputDirectory(path="out/dir", tree_digest=wire(named["tree"]))
+        ],
+        stdout_digest=wire(named["stdout"]),
+        stderr_digest=wire(named["stderr"]),
+        exit_code=0,
+    )
+    return result.SerializeToString(), named
+
+
+@pytest.mark.parametrize("fn", [DigestFunction.SHA256, DigestFunction.BLAKE3])
+async def test_complete_entry_is_visible(fn: DigestFunction) -> None:
+    blobs = Blobs(fn)
+    data, _ = build_result(blobs)
+    await blobs.store()
+    ac = CompletenessCheckingActionCache(MemoryActionCache(0), blobs.cas)
+    k = ActionKey("inst", digest_of(b"the action", fn))
+    await ac.put(k, data)
+    assert await ac.get(k) == data
+    assert ac.stats()["incomplete"] == 0
+    assert await ac.get(ActionKey("other", k.digest)) is None
+
+
+@pytest.mark.parametrize(
+    "missing", ["out1", "out2", "stdout", "stderr", "tree", "nested_a", "nested_b"]
+)
+async def test_entry_hidden_when_a_blob_is_missing(missing: str) -> None:
+    blobs = Blobs()
+    data, named = build_result(blobs)
+    await blobs.store(named[missing])
+    inner = MemoryActionCache(0)
+    ac = CompletenessCheckingActionCache(inner, blobs.cas)
+    k = key("", 1)
+    await ac.put(k, data)
+    assert await inner.get(k) == data  # stored, only hidden
+    assert await ac.get(k) is None
+    assert ac.stats()["incomplete"] == 1
+    result = fastpb.ActionResult.FromString(data)
+    assert await missing_references(result, DigestFunction.SHA256, blobs.cas) == [named[missing]]
+    # Re-uploading the blob makes the entry visible again.
+    await blobs.cas.put_bytes(named[missing], blobs.data[named[missing]])
+    assert await ac.get(k) == data
+
+
+async def test_direct_references() -> None:
+    blobs = Blobs()
+    data, named = build_result(blobs)
+    result = fastpb.ActionResult.FromString(data)
+    refs = direct_references(result, DigestFunction.SHA256)
+    assert refs == [
+        named["out1"],
+        named["out2"],
+        empty_digest(DigestFunction.SHA256),
+        named["tree"],
+        named["stdout"],
+        named["stderr"],
+    ]
+    # Unset stdout/stderr digests name nothing.
+    bare = fastpb.ActionResult(exit_code=1)
+    assert direct_references(bare, DigestFunction.SHA256) == []
+
+
+async def test_unreadable_entries_are_misses() -> None:
+    blobs = Blobs()
+    inner = MemoryActionCache(0)
+    ac = CompletenessCheckingActionCache(inner, blobs.cas)
+    await ac.put(key("", 1), b"\xff\xff\xff not a protobuf")
+    assert await ac.get(key("", 1)) is None
+    # A malformed digest inside the result.
+    bad = fastpb.ActionResult(
+        output_files=[fastpb.OutputFile(path="x", digest=fastpb.Digest(hash="XYZ", size_bytes=1))]
+    )
+    await ac.put(key("", 2), bad.SerializeToString())
+    assert await ac.get(key("", 2)) is None
+    # A tree blob that does not parse as a Tree.
+    junk = blobs.make(b"\xff\xff\xff")
+    await blobs.store()
+    with_tree = fastpb.ActionResult(
+        output_directories=[fastpb.OutputDirectory(path="d", tree_digest=wire(junk))]
+    )
+    with pytest.raises(InvalidArgument, match="is not a valid Tree"):
+        await missing_references(with_tree, DigestFunction.SHA256, blobs.cas)
+    await ac.put(key("", 3), with_tree.SerializeToString())
+    assert await ac.get(key("", 3)) is None
+
+
+async def test_action_result_digests_use_the_action_digest_function() -> None:
+    # A 64-hex-digit hash in a BLAKE3 action's result is a BLAKE3 digest, not a SHA256 one:
+    # a CAS holding the same hashes under SHA256 does not make the entry complete.
+    blobs = Blobs(DigestFunction.BLAKE3)
+    data, _ = build_result(blobs)
+    sha_cas = MemoryStore(0)  # does not verify content, so it accepts these mislabelled digests
+    for d, content in blobs.data.items():
+        await sha_cas.put_bytes(d._replace(function=DigestFunction.SHA256), content)
+    ac = CompletenessCheckingActionCache(MemoryActionCache(0), sha_cas)
+    k = key("", 1, DigestFunction.BLAKE3)
+    await ac.put(k, data)
+    assert await ac.get(k) is None
