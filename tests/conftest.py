@@ -13,7 +13,7 @@ import trio_asyncio
 from grpclib.client import Channel
 
 from reexec.daemon.app import Daemon, run_daemon
-from reexec.daemon.config import Config, ServerConfig
+from reexec.daemon.config import Config, SchedulerConfig, ServerConfig
 from reexec.rpc import StatusDetailsCodec
 
 T = TypeVar("T")
@@ -30,8 +30,12 @@ async def aio_loop() -> AsyncIterator[None]:
         yield
 
 
-def make_config(data_dir: Path, **server: Any) -> Config:
-    return Config(data_dir=str(data_dir), server=ServerConfig(listen=["127.0.0.1:0"], **server))
+def make_config(data_dir: Path, scheduler: SchedulerConfig | None = None, **server: Any) -> Config:
+    return Config(
+        data_dir=str(data_dir),
+        server=ServerConfig(listen=["127.0.0.1:0"], **server),
+        scheduler=scheduler or SchedulerConfig(),
+    )
 
 
 async def start_daemon(nursery: trio.Nursery, config: Config) -> Daemon:

@@ -251,11 +251,26 @@ def _compare(ref_fd: descriptor_pb2.FileDescriptorProto, our_fd, *, subset: bool
     return _diff(_norm_file(ref_fd), _norm_file(our_fd), our_fd.name, subset=subset)
 
 
+# Fields of the current upstream REAPI that buildstream 2.8.1's copy predates:
+# (message, field) -> (number, type name).
+NEWER_THAN_BUILDSTREAM = {
+    ("ExecuteOperationMetadata", "digest_function"): (
+        6,
+        ".build.bazel.remote.execution.v2.DigestFunction.Value",
+    ),
+}
+
+
 @pytest.mark.parametrize("name", [REAPI, SEMVER, BYTESTREAM, STATUS, CODE])
 def test_descriptor_matches_buildstream_reference(
     name: str, reference: Reference, ours: dict[str, descriptor_pb2.FileDescriptorProto]
 ) -> None:
-    problems = _compare(reference.bst[name], ours[name], subset=False)
+    ref, mine = _norm_file(reference.bst[name]), _norm_file(ours[name])
+    if name == REAPI:
+        for (message, field), (number, type_name) in NEWER_THAN_BUILDSTREAM.items():
+            added = mine["messages"][message]["fields"].pop(field)
+            assert (added["number"], added["type_name"]) == (number, type_name)
+    problems = _diff(ref, mine, name, subset=False)
     assert not problems, "\n".join(problems)
 
 

@@ -752,6 +752,13 @@ class ExecuteOperationMetadata(betterproto2.Message):
     Progress so far, filled in as the execution goes on.
     """
 
+    digest_function: "DigestFunctionValue" = betterproto2.field(
+        6, betterproto2.TYPE_ENUM, default_factory=lambda: DigestFunctionValue(0)
+    )
+    """
+    The digest function of action_digest (newer than the v2.3 text buildstream ships).
+    """
+
 
 default_message_pool.register_message(
     "build.bazel.remote.execution.v2", "ExecuteOperationMetadata", ExecuteOperationMetadata
