@@ -22,7 +22,8 @@ class _Queue:
 class PlatformQueues:
     def __init__(self) -> None:
         self._queues: dict[QueueKey, _Queue] = {}
-        self._members: dict[str, tuple[QueueKey, int]] = {}  # name -> (key, seq)
+        # name -> (key, priority, seq): the one heap entry that is live for the name.
+        self._members: dict[str, tuple[QueueKey, int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._members)
@@ -37,13 +38,13 @@ class PlatformQueues:
             q = self._queues[key] = _Queue()
         heapq.heappush(q.heap, (priority, seq, name))
         q.size += 1
-        self._members[name] = (key, seq)
+        self._members[name] = (key, priority, seq)
 
     def discard(self, name: str) -> bool:
         member = self._members.pop(name, None)
         if member is None:
             return False
-        key, _ = member
+        key = member[0]
         q = self._queues[key]
         q.size -= 1
         if q.size == 0:
@@ -59,7 +60,7 @@ class PlatformQueues:
         while heap:
             entry = heap[0]
             member = self._members.get(entry[2])
-            if member is not None and member == (key, entry[1]):
+            if member is not None and member == (key, entry[0], entry[1]):
                 return entry
             heapq.heappop(heap)
         return None

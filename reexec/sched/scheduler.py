@@ -435,7 +435,9 @@ class Scheduler:
                         )
         if s.client_action_timeout_s > 0:
             for name, since in list(self._unwatched.items()):
-                if since and now - since > s.client_action_timeout_s:
+                # Entries exist only while waiters == 0, so `since` is the detach time even
+                # when that was 0.0 (a clock that starts at zero).
+                if now - since > s.client_action_timeout_s:
                     self.stats.cancelled_unwatched += 1
                     self.apply(
                         name,
