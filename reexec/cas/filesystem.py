@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -247,6 +248,35 @@ class FilesystemStore(Store):
     def _unlink_all(self, digests: list[Digest]) -> None:
         for d in digests:
             _remove_quietly(self.blob_path(d))
+
+    async def link_in(self, digest: Digest, source: str | os.PathLike[str]) -> None:
+        """Add a blob from a file the caller vouches matches `digest` (a worker's output).
+
+        The file is hardlinked when it is read-only (0444) and on this file system, so the
+        bytes are never copied; otherwise it is copied.
+        """
+        if is_empty(digest) or self._lru.touch(digest):
+            return
+        async with self._mutate:
+            await trio.to_thread.run_sync(self._link_in, digest, os.fspath(source))
+            await self._add(digest)
+
+    def _link_in(self, digest: Digest, source: str) -> None:
+        tmp = str(self._tmp_dir / uuid.uuid4().hex)
+        try:
+            if os.stat(source).st_mode & 0o7777 != 0o444:
+                raise OSError("not read-only: copy")
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            os.chmod(tmp, 0o444)
+        try:
+            if os.stat(tmp).st_size != digest.size:
+                raise InvalidArgument(f"{source} is not {digest.size} bytes long")
+            self._install(tmp, digest)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
 
     def stats(self) -> dict[str, int]:
         return {

@@ -392,6 +392,11 @@ class Scheduler:
             ),
         )
 
+    def release(self, worker: WorkerState, name: str, attempt: int) -> None:
+        """Free the slot of an attempt the worker will never report on."""
+        worker.running.discard((name, attempt))
+        self._wake.set()
+
     def _release(self, worker: WorkerState, name: str, attempt: int) -> None:
         self.worker_seen(worker)
         worker.running.discard((name, attempt))

@@ -164,7 +164,10 @@ class WorkerService(Service):
                 continue
             op = self.scheduler.store.get(name)
             if op is None or op.stage is not Stage.EXECUTING or op.attempt != attempt:
-                continue  # cancelled or requeued meanwhile; the slot was released with it
+                # Cancelled or requeued before it was sent: the worker will never report this
+                # attempt, so its slot is freed here.
+                self.scheduler.release(worker, name, attempt)
+                continue
             try:
                 msg = await self._start_message(op)
             except FailedPrecondition as e:

@@ -1,0 +1,282 @@
+"""How a worker reaches the CAS: over gRPC (a remote scheduler host) or in process (all-in-one).
+
+Both offer the same small interface, used by the local cache to fetch inputs and by output
+collection to upload results. The in-process variant hardlinks between the server's filesystem
+store and the worker's cache when they share a file system, so inputs and outputs are never
+copied.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+from grpclib.client import Channel
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError
+
+from reexec import fastpb
+from reexec.cas.digest import Digest, is_empty, new_hasher
+from reexec.cas.fast_slow import FastSlowStore
+from reexec.cas.filesystem import FilesystemStore
+from reexec.cas.resource import ResourceName
+from reexec.cas.store import READ_CHUNK, BlobNotFound, Store
+from reexec.cas.verify import VerifyingStore
+from reexec.errors import Internal, InvalidArgument
+from reexec.grpc_client import aio, open_stream, unary
+
+log = logging.getLogger(__name__)
+
+# Blobs up to this size travel in BatchReadBlobs / BatchUpdateBlobs requests.
+SMALL_BLOB = 256 * 1024
+BATCH_BYTES = 3 * 1024 * 1024
+
+
+class CasAccess(abc.ABC):
+    @abc.abstractmethod
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]: ...
+
+    @abc.abstractmethod
+    async def read_small(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        """Contents of small blobs; raises BlobNotFound for the first one missing."""
+
+    @abc.abstractmethod
+    async def fetch_to(self, digest: Digest, path: Path) -> None:
+        """Create `path` (a new file) holding the blob, verified against its digest."""
+
+    @abc.abstractmethod
+    async def upload(self, blobs: dict[Digest, Path | bytes]) -> None:
+        """Make sure the CAS holds every blob (content from a file or bytes)."""
+
+
+def _unwrap_filesystem(store: Store) -> FilesystemStore | None:
+    """The filesystem store that holds committed blobs, if the tree has one in front."""
+    while True:
+        if isinstance(store, FilesystemStore):
+            return store
+        if isinstance(store, VerifyingStore):
+            store = store.inner
+        elif isinstance(store, FastSlowStore):
+            store = store.slow
+        else:
+            return None
+
+
+class LocalStoreAccess(CasAccess):
+    """The daemon's own store, in process (all-in-one `reexecd serve`)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.fs = _unwrap_filesystem(store)
+        self.links = 0
+        self.copies = 0
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        return await self.store.find_missing(digests)
+
+    async def read_small(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        return {d: await self.store.get_bytes(d) for d in digests}
+
+    async def fetch_to(self, digest: Digest, path: Path) -> None:
+        if self.fs is not None and not is_empty(digest) and await self.fs.has(digest):
+            try:
+                await trio.to_thread.run_sync(os.link, self.fs.blob_path(digest), path)
+                self.links += 1
+                return
+            except FileNotFoundError:
+                pass  # evicted meanwhile: fall through to a read, which reports NOT_FOUND
+            except OSError:
+                pass  # another file system, or too many links: copy instead
+        self.copies += 1
+        async with self.store.open_read(digest) as reader:
+            f = await trio.to_thread.run_sync(lambda: open(path, "xb"))
+            try:
+                while chunk := await reader.read(READ_CHUNK):
+                    await trio.to_thread.run_sync(f.write, chunk)
+            finally:
+                f.close()
+
+    async def upload(self, blobs: dict[Digest, Path | bytes]) -> None:
+        missing = set(await self.store.find_missing(list(blobs)))
+        for digest in missing:
+            source = blobs[digest]
+            if isinstance(source, bytes):
+                await self.store.put_bytes(digest, source)
+            elif self.fs is not None and self.fs is self.store:
+                await self.fs.link_in(digest, source)
+            else:
+                writer = await self.store.open_write(digest)
+                try:
+                    f = await trio.to_thread.run_sync(lambda p=source: open(p, "rb"))
+                    try:
+                        while chunk := await trio.to_thread.run_sync(f.read, READ_CHUNK):
+                            await writer.write(chunk)
+                    finally:
+                        f.close()
+                    await writer.commit()
+                except BaseException:
+                    await writer.abort()
+                    raise
+
+
+class GrpcAccess(CasAccess):
+    """A remote CAS over gRPC (upb messages; ByteStream for large blobs)."""
+
+    def __init__(self, channel: Channel, instance: str = "") -> None:
+        self.channel = channel
+        self.instance = instance
+
+    async def _unary(
+        self, method: str, request: fastpb.Message, response_type: type
+    ) -> fastpb.Message:
+        path = f"/build.bazel.remote.execution.v2.ContentAddressableStorage/{method}"
+        return await unary(self.channel, path, request, response_type)
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        if not digests:
+            return []
+        by_key = {(d.hash, d.size): d for d in digests}
+        req = fastpb.FindMissingBlobsRequest(instance_name=self.instance)
+        req.digest_function = int(digests[0].function)
+        for d in digests:
+            req.blob_digests.add(hash=d.hash, size_bytes=d.size)
+        resp = await self._unary("FindMissingBlobs", req, fastpb.FindMissingBlobsResponse)
+        return [by_key[(m.hash, m.size_bytes)] for m in resp.missing_blob_digests]
+
+    async def read_small(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        out: dict[Digest, bytes] = {}
+        for batch in _batches(digests, lambda d: d.size):
+            req = fastpb.BatchReadBlobsRequest(instance_name=self.instance)
+            req.digest_function = int(batch[0].function)
+            for d in batch:
+                req.digests.add(hash=d.hash, size_bytes=d.size)
+            resp = await self._unary("BatchReadBlobs", req, fastpb.BatchReadBlobsResponse)
+            by_key = {(d.hash, d.size): d for d in batch}
+            for r in resp.responses:
+                d = by_key[(r.digest.hash, r.digest.size_bytes)]
+                if r.status.code == 5:
+                    raise BlobNotFound(d)
+                if r.status.code:
+                    raise Internal(f"BatchReadBlobs of {d.blob_path}: {r.status.message}")
+                _verify(d, r.data)
+                out[d] = r.data
+        return out
+
+    async def fetch_to(self, digest: Digest, path: Path) -> None:
+        name = ResourceName(self.instance, digest).format()
+        hasher = new_hasher(digest.function)
+        f = await trio.to_thread.run_sync(lambda: open(path, "xb"))
+        size = 0
+        try:
+            async with open_stream(
+                self.channel,
+                "/google.bytestream.ByteStream/Read",
+                Cardinality.UNARY_STREAM,
+                fastpb.ReadRequest,
+                fastpb.ReadResponse,
+            ) as stream:
+                await aio(stream.send_message, fastpb.ReadRequest(resource_name=name), end=True)
+                while (resp := await aio(stream.recv_message)) is not None:
+                    data = resp.data
+                    await trio.to_thread.run_sync(_hash_and_write, hasher, f, data)
+                    size += len(data)
+        except GRPCError as e:
+            if e.status is Status.NOT_FOUND:
+                raise BlobNotFound(digest) from None
+            raise
+        finally:
+            f.close()
+        if size != digest.size or hasher.hexdigest() != digest.hash:
+            raise Internal(f"downloaded {digest.blob_path} does not match its digest")
+
+    async def upload(self, blobs: dict[Digest, Path | bytes]) -> None:
+        missing = await self.find_missing(list(blobs))
+        small = [d for d in missing if d.size <= SMALL_BLOB]
+        for batch in _batches(small, lambda d: d.size):
+            req = fastpb.BatchUpdateBlobsRequest(instance_name=self.instance)
+            req.digest_function = int(batch[0].function)
+            for d in batch:
+                src = blobs[d]
+                data = (
+                    src
+                    if isinstance(src, bytes)
+                    else await trio.to_thread.run_sync(Path(src).read_bytes)
+                )
+                r = req.requests.add(data=data)
+                r.digest.hash = d.hash
+                r.digest.size_bytes = d.size
+            resp = await self._unary("BatchUpdateBlobs", req, fastpb.BatchUpdateBlobsResponse)
+            for r in resp.responses:
+                if r.status.code:
+                    raise Internal(
+                        f"upload of {r.digest.hash}/{r.digest.size_bytes}: {r.status.message}"
+                    )
+        for d in missing:
+            if d.size > SMALL_BLOB:
+                await self._write(d, blobs[d])
+
+    async def _write(self, digest: Digest, source: Path | bytes) -> None:
+        name = ResourceName(self.instance, digest, upload_id=str(uuid.uuid4())).format()
+        f = None if isinstance(source, bytes) else await trio.to_thread.run_sync(open, source, "rb")
+        try:
+            async with open_stream(
+                self.channel,
+                "/google.bytestream.ByteStream/Write",
+                Cardinality.STREAM_UNARY,
+                fastpb.WriteRequest,
+                fastpb.WriteResponse,
+            ) as stream:
+                offset = 0
+                while True:
+                    if f is None:
+                        assert isinstance(source, bytes)
+                        chunk = source[offset : offset + READ_CHUNK]
+                    else:
+                        chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
+                    last = offset + len(chunk) >= digest.size
+                    request = fastpb.WriteRequest(
+                        resource_name=name if offset == 0 else "",
+                        write_offset=offset,
+                        data=chunk,
+                        finish_write=last,
+                    )
+                    await aio(stream.send_message, request, end=last)
+                    offset += len(chunk)
+                    if last:
+                        break
+                await aio(stream.recv_message)
+        finally:
+            if f is not None:
+                f.close()
+
+
+def _hash_and_write(hasher, f, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    hasher.update(data)
+    f.write(data)
+
+
+def _verify(digest: Digest, data: bytes) -> None:
+    h = new_hasher(digest.function)
+    h.update(data)
+    if len(data) != digest.size or h.hexdigest() != digest.hash:
+        raise InvalidArgument(f"{digest.blob_path}: the data read does not match the digest")
+
+
+def _batches(items: Sequence[Digest], size_of) -> list[list[Digest]]:  # type: ignore[no-untyped-def]
+    out: list[list[Digest]] = []
+    current: list[Digest] = []
+    total = 0
+    for d in items:
+        if current and total + size_of(d) > BATCH_BYTES:
+            out.append(current)
+            current, total = [], 0
+        current.append(d)
+        total += size_of(d)
+    if current:
+        out.append(current)
+    return out
