@@ -41,12 +41,16 @@ async def open_stream(
             )
 
 
-async def unary(  # noqa: ASYNC109 - a gRPC deadline, passed to grpclib
-    channel: Channel, path: str, request: Any, response_type: type, timeout: float | None = None
+async def unary(
+    channel: Channel,
+    path: str,
+    request: Any,
+    response_type: type,
+    deadline_s: float | None = None,
 ) -> Any:
     async def run() -> Any:
         async with channel.request(
-            path, Cardinality.UNARY_UNARY, type(request), response_type, timeout=timeout
+            path, Cardinality.UNARY_UNARY, type(request), response_type, timeout=deadline_s
         ) as stream:
             await stream.send_message(request, end=True)
             return await stream.recv_message()
