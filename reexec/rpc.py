@@ -104,8 +104,15 @@ class RpcGate:
         await self._idle.wait()
 
 
+# Long-lived streams that must outlive a drain (workers finish the actions clients wait for):
+# neither refused nor waited for by the gate.
+UNGATED = frozenset({"/reexec.worker.v1.WorkerApi/Connect"})
+
+
 def guard(gate: RpcGate, name: str, func: Callable[[Stream], Awaitable[None]]):
     """Wrap a grpclib handler: drain gate, ReexecError -> status, accounting, logging."""
+    if name in UNGATED:
+        return _ungated(name, func)
 
     async def handle(stream: Stream) -> None:
         gate.enter(name)
@@ -128,6 +135,21 @@ def guard(gate: RpcGate, name: str, func: Callable[[Stream], Awaitable[None]]):
             raise GRPCError(grpclib.const.Status.INTERNAL, f"internal error in {name}") from None
         finally:
             gate.leave(name, status, time.monotonic() - started)
+
+    return handle
+
+
+def _ungated(name: str, func: Callable[[Stream], Awaitable[None]]):
+    async def handle(stream: Stream) -> None:
+        try:
+            await func(stream)
+        except ReexecError as e:
+            raise grpc_error(e) from None
+        except (GRPCError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("internal error in %s", name)
+            raise GRPCError(grpclib.const.Status.INTERNAL, f"internal error in {name}") from None
 
     return handle
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import trio
 import trio_asyncio
+import xxhash
 
 from reexec.cas.ac_service import ActionCacheService
 from reexec.cas.action_cache import ActionCache
@@ -30,7 +32,10 @@ from reexec.cas.factory import build_action_cache, build_store
 from reexec.cas.store import Store
 from reexec.daemon.config import Config, SchedulerConfig, parse_size
 from reexec.daemon.grpc_server import GrpcServer, make_ssl_context
+from reexec.daemon.worker_role import build_worker, default_worker_id, unix_channel_factory
 from reexec.rpc import RpcGate, Servable, Service
+from reexec.sandbox.agent import WorkerAgent
+from reexec.sandbox.cas_access import LocalStoreAccess
 from reexec.sched.matching import PropertyModifier
 from reexec.sched.scheduler import Scheduler, SchedulerSettings
 from reexec.sched.service import ExecutionService, OperationsService
@@ -49,6 +54,7 @@ class Daemon:
     server: GrpcServer
     services: list[Service] = field(default_factory=list)
     scheduler: Scheduler | None = None
+    agent: WorkerAgent | None = None
 
     @property
     def port(self) -> int:
@@ -122,13 +128,26 @@ def build_services(
     ]
 
 
+def _worker_socket_path(data_dir: Path) -> str:
+    path = str(data_dir.resolve() / "worker.sock")
+    if len(path) > 100:  # AF_UNIX paths are limited to about 108 bytes
+        tag = xxhash.xxh64_hexdigest(path)
+        path = os.path.join(tempfile.gettempdir(), f"reexec-{tag}.sock")
+    return path
+
+
 async def run_daemon(
     config: Config,
     *,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
+    local_worker: bool = True,
 ) -> None:
-    """Run until cancelled or, with `handle_signals`, until SIGINT/SIGTERM has drained us."""
+    """Run until cancelled or, with `handle_signals`, until SIGINT/SIGTERM has drained us.
+
+    `local_worker` (the `serve` role) also runs a worker in this process, connected to the
+    scheduler through a private unix socket and to the CAS in process (hardlinks, no copies).
+    """
     async with _asyncio_loop():
         cas, ac = await open_stores(config)
         uploads = UploadTable(config.server.upload_idle_timeout_s)
@@ -139,22 +158,33 @@ async def run_daemon(
         )
         services = build_services(config, cas, ac, uploads, scheduler)
         tls = config.server.tls
+        with_worker = local_worker and scheduler is not None and config.worker.enabled
+        unix_path = _worker_socket_path(Path(config.data_dir)) if with_worker else None
         server = GrpcServer(
             Servable(services, RpcGate()),
             config.server.listen,
             ssl_context=make_ssl_context(tls) if tls else None,
+            unix_path=unix_path,
         )
+        agent: WorkerAgent | None = None
         try:
             async with trio.open_nursery() as nursery:
                 if scheduler is not None:
                     await nursery.start(scheduler.run)
                 await server.start()
                 nursery.start_soon(uploads.run_expiry)
-                daemon = Daemon(config, cas, ac, server, services, scheduler)
-                if handle_signals:
-                    nursery.start_soon(
-                        _watch_signals, server, config.server.grace_period_s, nursery
+                if with_worker:
+                    assert unix_path is not None
+                    agent = await build_worker(
+                        config,
+                        LocalStoreAccess(cas),
+                        unix_channel_factory(unix_path),
+                        default_worker_id("-local"),
                     )
+                    await nursery.start(agent.run)
+                daemon = Daemon(config, cas, ac, server, services, scheduler, agent)
+                if handle_signals:
+                    nursery.start_soon(_watch_signals, daemon, nursery)
                 log.info("reexecd ready", extra={"pid": os.getpid(), "data_dir": config.data_dir})
                 task_status.started(daemon)
                 await trio.sleep_forever()
@@ -177,10 +207,15 @@ async def _asyncio_loop() -> AsyncIterator[None]:
         yield
 
 
-async def _watch_signals(server: GrpcServer, grace_period_s: float, nursery: trio.Nursery) -> None:
+async def _watch_signals(daemon: Daemon, nursery: trio.Nursery) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s: draining", signal.Signals(signum).name)
             break
-    await server.drain(grace_period_s)
+    # Client RPCs first (Execute streams keep waiting for their actions, which the local
+    # worker still runs), then the worker itself.
+    await daemon.server.drain(daemon.config.server.grace_period_s, close=False)
+    if daemon.agent is not None:
+        await daemon.agent.drain()
+    await daemon.server.close()
     nursery.cancel_scope.cancel()

@@ -15,6 +15,13 @@ from reexec.daemon.config import ConfigError, load_config
 from reexec.daemon.logs import setup_logging
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (default: the embedded all-in-one config)")
+    p.add_argument("--data-dir", help="override data_dir")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"])
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reexecd", description="Remote build execution (REAPI v2) daemon"
@@ -22,17 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"reexecd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
-        "serve", help="run CAS, action cache and (later) scheduler and worker in one process"
+        "serve", help="all in one: CAS, action cache, scheduler and a local worker"
     )
-    serve.add_argument(
-        "--config", help="TOML config file (default: the embedded all-in-one config)"
-    )
-    serve.add_argument("--data-dir", help="override data_dir")
-    serve.add_argument(
-        "--listen", action="append", help="override server.listen (host:port; repeatable)"
-    )
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", choices=["text", "json"])
+    scheduler = sub.add_parser("scheduler", help="CAS, action cache and scheduler; no worker")
+    for s in (serve, scheduler):
+        _common(s)
+        s.add_argument(
+            "--listen", action="append", help="override server.listen (host:port; repeatable)"
+        )
+    worker = sub.add_parser("worker", help="a worker for a remote scheduler")
+    _common(worker)
+    worker.add_argument("--scheduler", help="override worker.scheduler (grpc://HOST:PORT)")
+    worker.add_argument("--worker-id", help="override worker.worker_id")
     check = sub.add_parser(
         "check-config", help="validate a config file and print the effective configuration"
     )
@@ -55,17 +63,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.data_dir:
         config.data_dir = args.data_dir
-    if args.listen:
+    if getattr(args, "listen", None):
         config.server.listen = args.listen
+    if getattr(args, "scheduler", None):
+        config.worker.scheduler = args.scheduler
+    if getattr(args, "worker_id", None):
+        config.worker.worker_id = args.worker_id
     if args.log_level:
         config.log.level = args.log_level
     if args.log_format:
         config.log.format = args.log_format
     setup_logging(config.log.level, config.log.format)
-    from reexec.daemon.app import run_daemon
+    from functools import partial
 
+    from reexec.daemon.app import run_daemon
+    from reexec.daemon.worker_role import run_worker
+
+    if args.command == "worker":
+        main_fn = partial(run_worker, config)
+    else:
+        main_fn = partial(run_daemon, config, local_worker=args.command == "serve")
     try:
-        trio.run(run_daemon, config)
+        trio.run(main_fn)
+    except ConfigError as e:
+        print(f"reexecd: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"reexecd: {e}", file=sys.stderr)
         return 1

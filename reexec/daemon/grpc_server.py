@@ -8,7 +8,9 @@ in-flight RPCs up to the grace period, and only then close and cancel what is le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import ssl
 from collections.abc import Sequence
 
@@ -39,11 +41,13 @@ class GrpcServer:
         listen: Sequence[str],
         *,
         ssl_context: ssl.SSLContext | None = None,
+        unix_path: str | None = None,
     ) -> None:
         self.servable = servable
         self.gate: RpcGate = servable.gate
         self.listen = list(listen)
         self.ssl_context = ssl_context
+        self.unix_path = unix_path
         self.addresses: list[tuple[str, int]] = []
         self._servers: list[Server] = []
 
@@ -62,13 +66,24 @@ class GrpcServer:
             for sock in server._server.sockets:  # type: ignore[union-attr]
                 bound = sock.getsockname()
                 self.addresses.append((bound[0], bound[1]))
+        if self.unix_path:
+            # A private socket for the in-process worker: no TLS, file mode 0600.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
+            server = Server([self.servable], status_details_codec=StatusDetailsCodec())
+            old = os.umask(0o077)
+            try:
+                await server.start(path=self.unix_path)
+            finally:
+                os.umask(old)
+            self._servers.append(server)
         log.info(
             "gRPC listening on %s%s",
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
             " (TLS)" if self.ssl_context else "",
         )
 
-    async def drain(self, grace_period_s: float) -> None:
+    async def drain(self, grace_period_s: float, *, close: bool = True) -> None:
         """Refuse new RPCs, wait up to the grace period for in-flight ones, then close."""
         self.gate.draining = True
         for server in self._servers:
@@ -82,7 +97,8 @@ class GrpcServer:
             await self.gate.wait_idle()
         if scope.cancelled_caught:
             log.warning("grace period over: cancelling %d RPCs", self.gate.inflight)
-        await self.close()
+        if close:
+            await self.close()
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):

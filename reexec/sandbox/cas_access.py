@@ -38,6 +38,9 @@ BATCH_BYTES = 3 * 1024 * 1024
 
 
 class CasAccess(abc.ABC):
+    # Whether small blobs are cheaper fetched in batches (over a network) than one by one.
+    prefers_batches = False
+
     @abc.abstractmethod
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]: ...
 
@@ -126,6 +129,8 @@ class LocalStoreAccess(CasAccess):
 
 class GrpcAccess(CasAccess):
     """A remote CAS over gRPC (upb messages; ByteStream for large blobs)."""
+
+    prefers_batches = True
 
     def __init__(self, channel: Channel, instance: str = "") -> None:
         self.channel = channel

@@ -1,0 +1,146 @@
+"""Builds and runs the worker side: local cache, executor, agent (from configuration)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio_asyncio
+from grpclib.client import Channel
+
+from reexec.daemon.config import Config, ConfigError, parse_size
+from reexec.rpc import StatusDetailsCodec
+from reexec.sandbox.agent import AgentSettings, WorkerAgent
+from reexec.sandbox.cas_access import CasAccess
+from reexec.sandbox.executor import ActionExecutor, ExecutorSettings
+from reexec.sandbox.local_cas import LocalCas
+from reexec.sandbox.materialize import DirectoryCache
+from reexec.sandbox.runner import NamespaceOptions, check_namespace_support
+
+log = logging.getLogger(__name__)
+
+
+def _under(data_dir: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else data_dir / p
+
+
+def platform_pairs(platform: dict[str, str | list[str]]) -> list[tuple[str, str]]:
+    out = []
+    for name, value in sorted(platform.items()):
+        for v in [value] if isinstance(value, str) else value:
+            out.append((name, v))
+    return out
+
+
+async def build_worker(
+    config: Config,
+    access: CasAccess,
+    channel_factory: Callable[[], Awaitable[Channel]],
+    default_id: str,
+) -> WorkerAgent:
+    wc = config.worker
+    data_dir = Path(config.data_dir)
+    namespaces = NamespaceOptions(
+        network=wc.sandbox.network, pid=wc.sandbox.pid, private_tmp=wc.sandbox.private_tmp
+    )
+    problem = check_namespace_support(namespaces)
+    if problem:
+        raise ConfigError(f"worker.sandbox: the requested namespaces are not available: {problem}")
+    cache = LocalCas(_under(data_dir, wc.cache_directory), parse_size(wc.cache_max_bytes), access)
+    await cache.start()
+    worker_id = wc.worker_id or default_id
+    executor = ActionExecutor(
+        ExecutorSettings(
+            work_directory=_under(data_dir, wc.work_directory),
+            worker_id=worker_id,
+            allow_absolute_symlinks=wc.sandbox.allow_absolute_symlinks,
+            run_as=wc.sandbox.run_as,
+            namespaces=namespaces,
+            kill_grace_s=wc.sandbox.kill_grace_s,
+            upload_timeout_s=wc.upload_timeout_s,
+        ),
+        cache,
+        access,
+        DirectoryCache(),
+    )
+    settings = AgentSettings(
+        worker_id=worker_id,
+        platform=platform_pairs(wc.platform),
+        max_inflight=wc.max_inflight_tasks or max(1, os.cpu_count() or 1),
+        precondition_script=wc.precondition_script,
+        drain_timeout_s=wc.drain_timeout_s,
+    )
+    return WorkerAgent(settings, executor, channel_factory)
+
+
+def scheduler_channel_factory(config: Config) -> Callable[[], Awaitable[Channel]]:
+    """Connects to `worker.scheduler` (grpc:// or grpcs://)."""
+    url = config.worker.scheduler
+    if not url:
+        raise ConfigError("worker.scheduler: required for `reexecd worker` (or pass --scheduler)")
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.rpartition(":")
+    ctx = None
+    if scheme == "grpcs":
+        ctx = ssl.create_default_context(cafile=config.worker.tls_ca)
+        ctx.set_alpn_protocols(["h2"])
+
+    async def make() -> Channel:
+        async def inner() -> Channel:
+            return Channel(
+                host.strip("[]"), int(port), ssl=ctx, status_details_codec=StatusDetailsCodec()
+            )
+
+        return await trio_asyncio.aio_as_trio(inner)()
+
+    return make
+
+
+def unix_channel_factory(path: str) -> Callable[[], Awaitable[Channel]]:
+    async def make() -> Channel:
+        async def inner() -> Channel:
+            return Channel(path=path, status_details_codec=StatusDetailsCodec())
+
+        return await trio_asyncio.aio_as_trio(inner)()
+
+    return make
+
+
+def default_worker_id(suffix: str = "") -> str:
+    return socket.gethostname() + suffix
+
+
+async def run_worker(config: Config) -> None:
+    """`reexecd worker`: run actions for a remote scheduler until SIGINT/SIGTERM drains us."""
+    import signal
+
+    import trio
+
+    from reexec.sandbox.cas_access import GrpcAccess
+
+    factory = scheduler_channel_factory(config)
+    async with trio_asyncio.open_loop():
+        cas_channel = await factory()
+        try:
+            access = GrpcAccess(cas_channel, config.worker.instance_name)
+            agent = await build_worker(config, access, factory, default_worker_id())
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent.run)
+
+                async def watch() -> None:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            log.info("received %s: draining", signal.Signals(signum).name)
+                            break
+                    await agent.drain()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+        finally:
+            cas_channel.close()
+    log.info("worker stopped")

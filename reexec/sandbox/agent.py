@@ -1,0 +1,270 @@
+"""The worker agent: one WorkerApi.Connect stream to the scheduler, actions run concurrently.
+
+    WorkerAgent.run
+    └─ reconnect loop (exponential backoff)
+       └─ session nursery
+          ├─ receiver: StartExecute -> precondition script -> action task (own cancel scope)
+          │            CancelExecute -> cancel that action's scope
+          ├─ keepalive: Keepalive and a Progress per running action every interval
+          └─ action tasks (max_inflight_tasks): ActionExecutor.execute -> Finished
+Results that finish while the connection is down are sent after the next Register. `drain`
+sends GoingAway, lets running actions finish (up to the drain timeout), then stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+from grpclib.client import Channel
+from grpclib.const import Cardinality
+
+from reexec import fastpb
+from reexec.grpc_client import aio, open_stream
+from reexec.sandbox.executor import ActionExecutor
+
+log = logging.getLogger(__name__)
+
+WorkerMessage = fastpb.message_class("reexec.worker.v1.WorkerMessage")
+SchedulerMessage = fastpb.message_class("reexec.worker.v1.SchedulerMessage")
+CONNECT = "/reexec.worker.v1.WorkerApi/Connect"
+
+
+@dataclass
+class AgentSettings:
+    worker_id: str
+    platform: Sequence[tuple[str, str]] = ()
+    max_inflight: int = 1
+    precondition_script: str | None = None
+    drain_timeout_s: float = 300.0
+    reconnect_max_s: float = 30.0
+
+
+@dataclass
+class _Running:
+    name: str
+    attempt: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class WorkerAgent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        executor: ActionExecutor,
+        channel_factory: Callable[[], Awaitable[Channel]],
+    ) -> None:
+        self.settings = settings
+        self.executor = executor
+        self.channel_factory = channel_factory
+        self.running: dict[tuple[str, int], _Running] = {}
+        self._unsent: list[fastpb.Message] = []
+        self._stream = None
+        self._send_lock = trio.Lock()
+        self._going_away = False
+        self._idle = trio.Event()
+        self._idle.set()
+        self.connected = trio.Event()
+        self.completed = 0
+        self.declined = 0
+
+    @property
+    def draining(self) -> bool:
+        return self._going_away
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stay connected (reconnecting with backoff) until cancelled or drained."""
+        await self.executor.start()
+        task_status.started()
+        async with trio.open_nursery() as actions:
+            self._actions = actions
+            delay = 0.2
+            while not (self._going_away and not self.running):
+                try:
+                    await self._session()
+                    delay = 0.2
+                except Exception as e:
+                    log.warning("scheduler connection failed: %s; retrying in %.1fs", e, delay)
+                self.connected = trio.Event()
+                if self._going_away and not self.running:
+                    break
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    async def drain(self) -> None:
+        """GoingAway: no new work; wait for running actions up to the drain timeout."""
+        self._going_away = True
+        await self._send_going_away()
+        log.info("draining: %d action(s) running", len(self.running))
+        with trio.move_on_after(self.settings.drain_timeout_s):
+            await self._wait_idle()
+        for r in list(self.running.values()):
+            log.warning("drain timeout: cancelling %s", r.name)
+            r.scope.cancel()
+        with trio.move_on_after(10):
+            await self._wait_idle()
+
+    async def _wait_idle(self) -> None:
+        while self.running:
+            await self._idle.wait()
+
+    async def _send_going_away(self) -> None:
+        msg = WorkerMessage()
+        msg.going_away.SetInParent()
+        try:
+            await self._send(msg)
+        except Exception:
+            pass
+
+    # -- the connection -------------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        channel = await self.channel_factory()
+        try:
+            async with open_stream(
+                channel, CONNECT, Cardinality.STREAM_STREAM, WorkerMessage, SchedulerMessage
+            ) as stream:
+                reg = WorkerMessage()
+                r = reg.register
+                r.worker_id = self.settings.worker_id
+                r.max_inflight_tasks = self.settings.max_inflight
+                for name, value in self.settings.platform:
+                    r.platform.properties.add(name=name, value=value)
+                r.running_operations.extend(name for name, _ in self.running)
+                await aio(stream.send_message, reg)
+                hello = await aio(stream.recv_message)
+                if hello is None or hello.WhichOneof("kind") != "registered":
+                    raise ConnectionError("the scheduler did not acknowledge Register")
+                interval = hello.registered.keepalive_interval.ToNanoseconds() / 1e9 or 1.0
+                self._stream = stream
+                log.info("connected to the scheduler as %s", self.settings.worker_id)
+                self.connected.set()
+                try:
+                    if self._going_away:
+                        await self._send_going_away()
+                    pending, self._unsent = self._unsent, []
+                    for m in pending:
+                        await self._send(m)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._keepalive, interval)
+                        await self._receive(stream)
+                        nursery.cancel_scope.cancel()
+                finally:
+                    self._stream = None
+        finally:
+            close = getattr(channel, "close", None)
+            if close is not None:
+                close()
+
+    async def _send(self, msg: fastpb.Message) -> None:
+        stream = self._stream
+        if stream is None:
+            raise ConnectionError("not connected")
+        async with self._send_lock:
+            await aio(stream.send_message, msg)
+
+    async def _keepalive(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            ka = WorkerMessage()
+            ka.keepalive.SetInParent()
+            await self._send(ka)
+            for r in list(self.running.values()):
+                await self._progress(r, 0)
+
+    async def _progress(self, r: _Running, phase: int) -> None:
+        msg = WorkerMessage()
+        p = msg.progress
+        p.operation_name, p.attempt, p.phase = r.name, r.attempt, phase
+        try:
+            await self._send(msg)
+        except Exception:
+            pass
+
+    async def _receive(self, stream) -> None:  # type: ignore[no-untyped-def]
+        while (msg := await aio(stream.recv_message)) is not None:
+            kind = msg.WhichOneof("kind")
+            if kind == "start_execute":
+                await self._accept(msg.start_execute)
+            elif kind == "cancel_execute":
+                c = msg.cancel_execute
+                for (name, attempt), r in list(self.running.items()):
+                    if name == c.operation_name and (c.attempt == 0 or attempt == c.attempt):
+                        log.info("cancelling %s on the scheduler's request", name)
+                        r.scope.cancel()
+        raise ConnectionError("the scheduler closed the stream")
+
+    async def _accept(self, start: fastpb.Message) -> None:
+        key = (start.operation_name, start.attempt)
+        if key in self.running:
+            return
+        reason = None
+        if self._going_away:
+            reason = "the worker is draining"
+        elif len(self.running) >= self.settings.max_inflight:
+            reason = "no free slot"
+        elif self.settings.precondition_script:
+            reason = await self._precondition()
+        if reason is not None:
+            self.declined += 1
+            msg = WorkerMessage()
+            d = msg.declined
+            d.operation_name, d.attempt, d.reason = start.operation_name, start.attempt, reason
+            await self._send(msg)
+            return
+        r = self.running[key] = _Running(start.operation_name, start.attempt)
+        self._idle = trio.Event()
+        self._actions.start_soon(self._execute, start, r)
+
+    async def _precondition(self) -> str | None:
+        script = self.settings.precondition_script
+        assert script
+        try:
+            with trio.fail_after(60):
+                proc = await trio.run_process(
+                    shlex.split(script), capture_stdout=True, capture_stderr=True, check=False
+                )
+        except (OSError, trio.TooSlowError) as e:
+            return f"precondition script could not run: {e}"
+        if proc.returncode != 0:
+            tail = proc.stderr.decode(errors="replace").strip()[-200:]
+            return f"precondition script exited {proc.returncode}: {tail}"
+        return None
+
+    async def _execute(self, start: fastpb.Message, r: _Running) -> None:
+        key = (r.name, r.attempt)
+        msg = None
+        try:
+            with r.scope:
+
+                async def progress(phase: int) -> None:
+                    await self._progress(r, phase)
+
+                msg = await self.executor.execute(start, progress)
+            if msg is None or r.scope.cancelled_caught:
+                msg = WorkerMessage()
+                f = msg.finished
+                f.operation_name, f.attempt = r.name, r.attempt
+                f.retryable = self._going_away
+                f.status.code = 1  # CANCELLED
+                f.status.message = "cancelled on the worker"
+            self.completed += 1
+            try:
+                await self._send(msg)
+            except Exception:
+                self._unsent.append(msg)
+        finally:
+            del self.running[key]
+            if not self.running:
+                self._idle.set()
+
+
+def default_max_inflight() -> int:
+    import os
+
+    return max(1, os.cpu_count() or 1)

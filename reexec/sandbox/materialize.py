@@ -1,0 +1,230 @@
+"""Input trees: fetch and parse Directory messages, validate them, and build the input root.
+
+`load_directories` fetches a tree's Directory messages (parsed ones are cached by digest, so a
+repeated subtree is never fetched or parsed twice). `plan_tree` validates them into an
+`InputTree` (pure; plans are cached by root digest). `materialize_sync` makes the directories
+and hardlinks every file from the local cache, in one worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from reexec import fastpb
+from reexec.cas.digest import Digest, make_digest
+from reexec.errors import InvalidArgument
+from reexec.sandbox.cas_access import CasAccess
+from reexec.sandbox.local_cas import Entry, LocalCas, MissingInputs
+
+
+class InvalidInputTree(InvalidArgument):
+    pass
+
+
+@dataclass
+class InputTree:
+    """A validated input root: what to create, parents before children."""
+
+    dirs: list[str] = field(default_factory=list)
+    files: list[tuple[str, Entry]] = field(default_factory=list)
+    symlinks: list[tuple[str, str]] = field(default_factory=list)
+
+    def entries(self) -> list[Entry]:
+        return list(dict.fromkeys(e for _, e in self.files))
+
+
+class DirectoryCache:
+    """Parsed Directory messages and validated plans, least recently used evicted."""
+
+    def __init__(self, max_directories: int = 100_000, max_plans: int = 64) -> None:
+        self._dirs: OrderedDict[Digest, fastpb.Message] = OrderedDict()
+        self._plans: OrderedDict[tuple[Digest, bool], InputTree] = OrderedDict()
+        self.max_directories = max_directories
+        self.max_plans = max_plans
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, digest: Digest) -> fastpb.Message | None:
+        d = self._dirs.get(digest)
+        if d is not None:
+            self._dirs.move_to_end(digest)
+            self.hits += 1
+        return d
+
+    def put(self, digest: Digest, directory: fastpb.Message) -> None:
+        self.misses += 1
+        self._dirs[digest] = directory
+        while len(self._dirs) > self.max_directories:
+            self._dirs.popitem(last=False)
+
+    def plan(self, key: tuple[Digest, bool]) -> InputTree | None:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+        return plan
+
+    def put_plan(self, key: tuple[Digest, bool], plan: InputTree) -> None:
+        self._plans[key] = plan
+        while len(self._plans) > self.max_plans:
+            self._plans.popitem(last=False)
+
+
+def _child_digest(node: fastpb.Message, parent: Digest) -> Digest:
+    try:
+        return make_digest(node.digest.hash, node.digest.size_bytes, int(parent.function))
+    except InvalidArgument as e:
+        raise InvalidInputTree(
+            f"{node.name!r} in directory {parent.blob_path}: {e.message}"
+        ) from None
+
+
+async def load_directories(
+    root: Digest, access: CasAccess, cache: DirectoryCache
+) -> dict[Digest, fastpb.Message]:
+    """Every Directory of the tree under `root`, fetched level by level in batches."""
+    out: dict[Digest, fastpb.Message] = {}
+    level = [root]
+    while level:
+        need = [d for d in dict.fromkeys(level) if d not in out and cache.get(d) is None]
+        if need:
+            absent = set(await access.find_missing(need))
+            if absent:
+                raise MissingInputs(sorted(absent))
+            raw = await access.read_small(need)
+            for d, data in raw.items():
+                try:
+                    cache.put(d, fastpb.Directory.FromString(data))
+                except DecodeError:
+                    raise InvalidInputTree(
+                        f"{d.blob_path} is not a valid Directory message"
+                    ) from None
+        next_level: list[Digest] = []
+        for d in level:
+            if d in out:
+                continue
+            directory = cache.get(d)
+            assert directory is not None
+            out[d] = directory
+            next_level.extend(_child_digest(c, d) for c in directory.directories)
+        level = next_level
+    return out
+
+
+def _check_name(name: str, where: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise InvalidInputTree(f"invalid name {name!r} in {where}")
+
+
+def plan_tree(
+    root: Digest, directories: dict[Digest, fastpb.Message], allow_absolute_symlinks: bool = False
+) -> InputTree:
+    """Validate the tree and list what to create. Raises InvalidInputTree."""
+    tree = InputTree()
+    stack: list[tuple[str, Digest, int]] = [("", root, 0)]
+    while stack:
+        prefix, digest, depth = stack.pop()
+        if depth > 256:
+            raise InvalidInputTree(f"input tree is deeper than 256 levels at {prefix!r}")
+        directory = directories[digest]
+        where = f"directory {prefix or '(input root)'!r}"
+        seen: set[str] = set()
+        for kind in (directory.files, directory.directories, directory.symlinks):
+            for node in kind:
+                _check_name(node.name, where)
+                if node.name in seen:
+                    raise InvalidInputTree(f"{node.name!r} appears twice in {where}")
+                seen.add(node.name)
+        for f in directory.files:
+            entry = Entry(_child_digest(f, digest), f.is_executable)
+            tree.files.append((prefix + f.name, entry))
+        for s in directory.symlinks:
+            target = s.target
+            if not target:
+                raise InvalidInputTree(f"symlink {prefix + s.name!r} has an empty target")
+            if target.startswith("/"):
+                if not allow_absolute_symlinks:
+                    raise InvalidInputTree(
+                        f"symlink {prefix + s.name!r} has the absolute target {target!r}, "
+                        "which this server does not allow"
+                    )
+            else:
+                resolved = posixpath.normpath(posixpath.join(prefix, target))
+                if resolved == ".." or resolved.startswith("../"):
+                    raise InvalidInputTree(
+                        f"symlink {prefix + s.name!r} -> {target!r} points outside the input root"
+                    )
+            tree.symlinks.append((prefix + s.name, target))
+        for d in reversed(directory.directories):
+            path = prefix + d.name
+            tree.dirs.append(path)
+            stack.append((path + "/", _child_digest(d, digest), depth + 1))
+    tree.dirs.sort(key=lambda p: p.count("/"))
+    return tree
+
+
+@dataclass
+class MaterializeStats:
+    links: int = 0
+    copies: int = 0
+
+
+def materialize_sync(tree: InputTree, dest: Path, cache: LocalCas) -> MaterializeStats:
+    """Create the tree under `dest` (which must exist and be empty). Runs in a thread."""
+    stats = MaterializeStats()
+    base = str(dest) + "/"
+    mkdir = os.mkdir
+    link = os.link
+    for d in tree.dirs:
+        mkdir(base + d)
+    cache_path = cache.path
+    for rel, entry in tree.files:
+        src = cache_path(entry)
+        try:
+            link(src, base + rel)
+            stats.links += 1
+        except OSError as e:
+            if e.errno not in (errno.EMLINK, errno.EXDEV, errno.EPERM):
+                raise
+            # Too many links on the cache inode, or another file system: copy this one.
+            shutil.copyfile(src, base + rel)
+            os.chmod(base + rel, 0o555 if entry.executable else 0o444)
+            stats.copies += 1
+    for rel, target in tree.symlinks:
+        os.symlink(target, base + rel)
+    return stats
+
+
+def output_paths(command: fastpb.Message) -> list[str]:
+    """Every declared output path, relative to the input root."""
+    paths = list(command.output_paths) or [*command.output_files, *command.output_directories]
+    return [
+        posixpath.join(command.working_directory, p) if command.working_directory else p
+        for p in paths
+    ]
+
+
+def check_relative(path: str, what: str) -> str:
+    norm = posixpath.normpath(path)
+    if path.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise InvalidArgument(f"{what} {path!r} is not a relative path inside the input root")
+    return norm
+
+
+def prepare_outputs_sync(exec_root: Path, command: fastpb.Message) -> None:
+    """Create the parent directories of every declared output (genrules rely on it)."""
+    if command.working_directory:
+        wd = exec_root / check_relative(command.working_directory, "working_directory")
+        wd.mkdir(parents=True, exist_ok=True)
+    for p in output_paths(command):
+        rel = check_relative(p, "output path")
+        parent = posixpath.dirname(rel)
+        if parent:
+            (exec_root / parent).mkdir(parents=True, exist_ok=True)
