@@ -68,6 +68,7 @@ class WorkerAgent:
         self._idle = trio.Event()
         self._idle.set()
         self.connected = trio.Event()
+        self.stopped = trio.Event()
         self.completed = 0
         self.declined = 0
 
@@ -81,6 +82,12 @@ class WorkerAgent:
         """Stay connected (reconnecting with backoff) until cancelled or drained."""
         await self.executor.start()
         task_status.started()
+        try:
+            await self._run()
+        finally:
+            self.stopped.set()
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as actions:
             self._actions = actions
             delay = 0.2
@@ -108,6 +115,15 @@ class WorkerAgent:
             r.scope.cancel()
         with trio.move_on_after(10):
             await self._wait_idle()
+        # Half-close the stream: every Finished already sent is delivered before the scheduler
+        # sees the end, and `run` returns once the scheduler closes its side.
+        stream = self._stream
+        if stream is not None:
+            with trio.move_on_after(5):
+                async with self._send_lock:
+                    await aio(stream.end)
+            with trio.move_on_after(10):
+                await self.stopped.wait()
 
     async def _wait_idle(self) -> None:
         while self.running:
@@ -197,7 +213,8 @@ class WorkerAgent:
                     if name == c.operation_name and (c.attempt == 0 or attempt == c.attempt):
                         log.info("cancelling %s on the scheduler's request", name)
                         r.scope.cancel()
-        raise ConnectionError("the scheduler closed the stream")
+        if not self._going_away:
+            raise ConnectionError("the scheduler closed the stream")
 
     async def _accept(self, start: fastpb.Message) -> None:
         key = (start.operation_name, start.attempt)

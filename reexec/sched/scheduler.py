@@ -334,8 +334,18 @@ class Scheduler:
         if self.workers.get(worker.worker_id) is not worker:
             return
         del self.workers[worker.worker_id]
-        self.stats.workers_lost += 1
-        log.warning("worker lost", extra={"worker": worker.worker_id, "reason": reason})
+        if worker.running or not worker.going_away:
+            self.stats.workers_lost += 1
+            log.warning(
+                "worker lost",
+                extra={
+                    "worker": worker.worker_id,
+                    "reason": reason,
+                    "running": len(worker.running),
+                },
+            )
+        else:
+            log.info("worker left after draining", extra={"worker": worker.worker_id})
         now = self.now()
         for name, attempt in sorted(worker.running):
             self.apply(

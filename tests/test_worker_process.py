@@ -1,0 +1,121 @@
+"""`reexecd scheduler` + `reexecd worker` subprocesses: real actions, graceful worker drain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import trio
+
+from reexec.sched.state import Stage
+from tests.conftest import open_channel
+from tests.e2e.harness import ReexecdProcess, free_port
+from tests.fake_worker import ExecuteCall, execute_request, upload_action
+
+
+def _scheduler(tmp_path: Path) -> ReexecdProcess:
+    port = free_port()
+    cfg = tmp_path / "scheduler.toml"
+    cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n[scheduler]\nworker_timeout_s = 5\n')
+    return ReexecdProcess(
+        tmp_path / "sched",
+        port=port,
+        args=["scheduler", "--config", str(cfg), "--data-dir", str(tmp_path / "sched")],
+        log_dir=tmp_path / "sched-log",
+    )
+
+
+def _worker(tmp_path: Path, port: int, name: str) -> ReexecdProcess:
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(
+        f'[worker]\nscheduler = "grpc://127.0.0.1:{port}"\nworker_id = "{name}"\n'
+        "max_inflight_tasks = 2\ndrain_timeout_s = 30\n"
+    )
+    w = ReexecdProcess(
+        tmp_path / name,
+        args=["worker", "--config", str(cfg), "--data-dir", str(tmp_path / name)],
+        log_dir=tmp_path / f"{name}-log",
+        wait_ready=False,
+    )
+    w.start()
+    return w
+
+
+async def _wait_for(predicate, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+async def test_worker_runs_real_actions_and_drains_on_sigterm(aio_loop, tmp_path, nursery):
+    with _scheduler(tmp_path) as sched:
+        w1 = _worker(tmp_path, sched.port, "w1")
+        try:
+            await _wait_for(lambda: "worker connected" in sched.log_text())
+            channel = await open_channel(sched.port)
+            try:
+                slow = await upload_action(channel, ["sh", "-c", "sleep 1.5; echo slow-done"])
+                running = ExecuteCall(channel, execute_request(slow, skip_cache_lookup=True))
+                nursery.start_soon(running.run)
+                await _wait_for(lambda: Stage.EXECUTING in running.stages)
+
+                os.kill(w1.pid, signal.SIGTERM)
+                await _wait_for(lambda: "worker going away" in sched.log_text())
+                # New work is not given to a draining worker: it stays queued.
+                later = await upload_action(channel, ["sh", "-c", "echo later"])
+                queued = ExecuteCall(channel, execute_request(later))
+                nursery.start_soon(queued.run)
+                await _wait_for(lambda: Stage.QUEUED in queued.stages)
+
+                # The running action still finishes and its result reaches the client.
+                await _wait_for(lambda: running.finished.is_set())
+                resp = running.response
+                assert resp.status.code == 0 and resp.result.exit_code == 0
+                assert resp.result.execution_metadata.worker == "w1"
+                assert w1.wait(20) == 0, w1.log_text()
+                assert "draining" in w1.log_text()
+                assert not queued.finished.is_set()
+
+                # A new worker picks up the queued action.
+                w2 = _worker(tmp_path, sched.port, "w2")
+                try:
+                    await _wait_for(lambda: queued.finished.is_set())
+                    assert queued.response.result.exit_code == 0
+                    assert queued.response.result.execution_metadata.worker == "w2"
+                    stdout = queued.response.result.stdout_digest
+                    assert stdout.size_bytes == len(b"later\n")
+                finally:
+                    assert w2.stop() == 0, w2.log_text()
+            finally:
+                channel.close()
+        finally:
+            if w1.returncode is None:
+                w1.stop()
+
+
+async def test_killed_worker_action_is_retried_elsewhere(aio_loop, tmp_path, nursery):
+    with _scheduler(tmp_path) as sched:
+        w1 = _worker(tmp_path, sched.port, "w1")
+        await _wait_for(lambda: "worker connected" in sched.log_text())
+        channel = await open_channel(sched.port)
+        try:
+            digest = await upload_action(channel, ["sh", "-c", "sleep 1; echo ok"])
+            call = ExecuteCall(channel, execute_request(digest))
+            nursery.start_soon(call.run)
+            await _wait_for(lambda: Stage.EXECUTING in call.stages)
+            os.kill(w1.pid, signal.SIGKILL)
+            w1.wait(10)
+            started = time.monotonic()
+            w2 = _worker(tmp_path, sched.port, "w2")
+            try:
+                await _wait_for(lambda: call.finished.is_set(), timeout=30)
+                resp = call.response
+                assert resp.status.code == 0, resp.status.message
+                assert resp.result.execution_metadata.worker == "w2"
+                assert time.monotonic() - started < 25
+            finally:
+                assert w2.stop() == 0
+        finally:
+            channel.close()
