@@ -38,8 +38,11 @@ def make_config(data_dir: Path, scheduler: SchedulerConfig | None = None, **serv
     )
 
 
-async def start_daemon(nursery: trio.Nursery, config: Config) -> Daemon:
-    return await nursery.start(functools.partial(run_daemon, config, handle_signals=False))
+async def start_daemon(nursery: trio.Nursery, config: Config, local_worker: bool = False) -> Daemon:
+    """An in-process daemon; without a local worker unless asked (tests bring fake workers)."""
+    return await nursery.start(
+        functools.partial(run_daemon, config, handle_signals=False, local_worker=local_worker)
+    )
 
 
 @pytest.fixture

@@ -15,10 +15,14 @@ How a command is started
   next, in front of the command::
 
       unshare [--net] [--pid --fork --kill-child] [--mount --propagation private] --
-        [sh -c 'mount tmpfs-or-bind /tmp; exec or run as child' ...]      (private /tmp or PID ns)
+        [sh -c 'SET-UP; exec "$@"  (or, as PID 1: "$@"; exit $?)' ...]
         [setpriv --reuid U --regid G --clear-groups --]                   (run_as)
         env -i -- NAME=VALUE... argv...
 
+  SET-UP, as root inside the namespaces: ``ip link set lo up`` (a new network namespace starts
+  with loopback down, and tests that start local servers need it), then for a private /tmp a
+  tmpfs (or ``tmp_dir`` bind-mounted) on /tmp, and when the working directory lives under /tmp, a
+  bind of it back at its own path so absolute paths into it keep working.
   The wrappers run as root with a fixed, minimal environment (``PATH``, ``LC_ALL=C``): the
   request's environment reaches only the last step, so variables such as ``LD_PRELOAD`` cannot
   reach anything that runs as root. ``env -i`` then execs the command with exactly the request's
@@ -49,10 +53,12 @@ that last ``killpg``, so its PID, which is also the group's ID, cannot have been
 unrelated process in between.
 
 Limits: a descendant that calls ``setsid()``/``setpgid()`` leaves the group and cannot be found
-this way; only a PID namespace (``NamespaceOptions(pid=True)``) catches those. With a private
-/tmp, a working directory or inputs *under* /tmp stay usable through relative paths only (the
-tmpfs hides the absolute ones): keep action directories elsewhere. The bind-mounted ``tmp_dir``
-must be writable by the ``run_as`` user; the caller creates and cleans it.
+this way; only a PID namespace (``NamespaceOptions(pid=True)``) catches those (as PID 1 exits,
+the kernel kills the whole namespace). With a private /tmp, only the working directory is brought
+back from the real /tmp: other inputs under /tmp (a ``PATH`` entry, a sibling directory) are
+reachable through relative paths only, so keep action directories outside /tmp. The bind-mounted
+``tmp_dir`` must be writable by the ``run_as`` user; the caller creates and cleans it. With
+``pid=True`` /proc is left as is (it shows the host's processes; they cannot be signalled).
 """
 
 from __future__ import annotations
@@ -88,9 +94,10 @@ __all__ = [
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _WRAPPER_ENV = {"PATH": _SYSTEM_PATH, "LC_ALL": "C"}
 _PROBE_TIMEOUT_S = 10.0
-# Exit status of the sandbox shell when setting up /tmp fails (after a successful probe this
-# means something changed underneath; the reason is in the stderr file).
+# Exit status of the sandbox shell when its set-up (loopback, /tmp) fails: after a successful
+# probe this means something changed underneath; the reason is in the stderr file.
 _SETUP_FAILED = 125
+_TMPFS_MOUNT_ARGS = ["-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "reexec-tmp", "/tmp"]
 
 
 @dataclass(frozen=True)
@@ -149,27 +156,30 @@ def _probe(feature: str) -> str | None:
     with _probe_lock:
         if feature in _probe_cache:
             return _probe_cache[feature]
-        reason = _run_probe(feature)
-        _probe_cache[feature] = reason
+        reason, definitive = _run_probe(feature)
+        if definitive:  # a probe that timed out (a loaded machine) is tried again next time
+            _probe_cache[feature] = reason
         return reason
 
 
-def _run_probe(feature: str) -> str | None:
+def _run_probe(feature: str) -> tuple[str | None, bool]:
     unshare, sh, true = _tool("unshare"), _tool("sh"), _tool("true")
     if unshare is None:
-        return "the unshare command (util-linux) is not installed"
+        return "the unshare command (util-linux) is not installed", True
     if sh is None or true is None:
-        return "sh or true is not installed"
+        return "sh or true is not installed", True
     if feature == "network":
-        flags, cmd = ["--net"], [true]
+        ip = _tool("ip")
+        if ip is None:
+            return "network isolation needs the ip command (iproute2) to bring up loopback", True
+        flags, cmd = ["--net"], [ip, "link", "set", "lo", "up"]
     elif feature == "pid":
         flags, cmd = ["--pid", "--fork", "--kill-child"], [true]
     elif feature == "private_tmp":
         mount = _tool("mount")
         if mount is None:
-            return "the mount command (util-linux) is not installed"
-        flags = ["--mount", "--propagation", "private"]
-        cmd = [sh, "-c", f"{shlex.quote(mount)} -t tmpfs -o mode=1777,nosuid,nodev reexec-tmp /tmp"]
+            return "the mount command (util-linux) is not installed", True
+        flags, cmd = ["--mount", "--propagation", "private"], [mount, *_TMPFS_MOUNT_ARGS]
     else:  # pragma: no cover - internal misuse
         raise ValueError(feature)
     argv = [unshare, *flags, "--", *cmd]
@@ -183,21 +193,24 @@ def _run_probe(feature: str) -> str | None:
             timeout=_PROBE_TIMEOUT_S,
             check=False,
         )
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"{shown} failed: {exc}"
+    except subprocess.TimeoutExpired:
+        return f"{shown} did not finish within {_PROBE_TIMEOUT_S:g} s", False
+    except OSError as exc:
+        return f"{shown} failed: {exc}", True
     if proc.returncode != 0:
         detail = proc.stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
         # unshare says "unshare: unshare failed: Operation not permitted"; keep only the reason.
         detail = detail.removeprefix("unshare: ").removeprefix("unshare failed: ")
-        return f"{shown} failed: {detail}"
-    return None
+        return f"{shown} failed: {detail}", True
+    return None, True
 
 
 def check_namespace_support(options: NamespaceOptions) -> str | None:
     """None if every namespace in ``options`` works here, else a precise reason.
 
-    Each kind is tried for real once per process (``unshare --net true`` etc.) and the answer
-    cached. Blocks for a few milliseconds the first time: call it at worker start-up (or from a
+    Each kind is tried for real once per process (``unshare --net ip link set lo up``,
+    ``unshare --pid --fork --kill-child true``, ``unshare --mount`` + a tmpfs on /tmp) and the
+    answer cached. Blocks for a few milliseconds the first time: call it at worker start-up (or from a
     thread).
     """
     if not options.requested:
@@ -234,7 +247,7 @@ class _Prepared:
     user: _User | None = None
     command: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    exec_error: tuple[int, str] | None = None  # (errno, message): don't start, report
+    exec_error: tuple[int, str] | None = None  # (errno, message): not started, reported
 
     def close(self) -> None:
         for fd in {self.stdout_fd, self.stderr_fd}:
@@ -266,7 +279,7 @@ def _validate(request: RunRequest) -> None:
 
 def _resolve_user(run_as: str | int) -> _User:
     try:
-        if isinstance(run_as, int) or run_as.isdigit():
+        if isinstance(run_as, int) or (run_as.isascii() and run_as.isdigit()):
             entry = pwd.getpwuid(int(run_as))
         else:
             entry = pwd.getpwnam(run_as)
@@ -278,7 +291,11 @@ def _resolve_user(run_as: str | int) -> _User:
 def _open_output(path: Path) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.fchmod(fd, 0o644)  # exact mode whatever the umask or an older file's mode
+        # Exact mode whatever the umask or an older file's mode; never touch a device such as
+        # /dev/null, which a caller may pass to discard a stream.
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != 0o644:
+            os.fchmod(fd, 0o644)
     except BaseException:
         os.close(fd)
         raise
@@ -383,23 +400,40 @@ def _sandbox_command(request: RunRequest, user: _User | None) -> list[str]:
         cmd += ["--mount", "--propagation", "private"]
     cmd.append("--")
 
-    if ns.private_tmp or ns.pid:
-        script: list[str] = []
-        script_args: list[str] = []
-        if ns.private_tmp:
-            mount = _tool("mount")
-            if mount is None:
-                raise SandboxUnavailable("the mount command (util-linux) is not installed")
-            if request.tmp_dir is not None:
-                script.append(
-                    f'{shlex.quote(mount)} --bind "$1" /tmp || exit {_SETUP_FAILED}; shift'
-                )
-                script_args.append(str(request.tmp_dir))
-            else:
-                script.append(
-                    f"{shlex.quote(mount)} -t tmpfs -o mode=1777,nosuid,nodev reexec-tmp /tmp"
-                    f" || exit {_SETUP_FAILED}"
-                )
+    # Set-up that needs a shell inside the namespaces: done as root, before the user switch.
+    script: list[str] = []
+    script_args: list[str] = []
+    if ns.network:
+        ip = _tool("ip")
+        if ip is None:
+            raise SandboxUnavailable("network isolation needs the ip command (iproute2)")
+        # A new network namespace has loopback down: local servers in tests need it up.
+        script.append(f"{shlex.quote(ip)} link set lo up || exit {_SETUP_FAILED}")
+    if ns.private_tmp:
+        mount = _tool("mount")
+        if mount is None:
+            raise SandboxUnavailable("the mount command (util-linux) is not installed")
+        if request.tmp_dir is not None:
+            script.append(f'{shlex.quote(mount)} --bind "$1" /tmp || exit {_SETUP_FAILED}; shift')
+            script_args.append(str(request.tmp_dir))
+        else:
+            tmpfs = shlex.join([mount, *_TMPFS_MOUNT_ARGS])
+            script.append(f"{tmpfs} || exit {_SETUP_FAILED}")
+        # A working directory under /tmp would now be hidden (the process keeps it as its cwd,
+        # but absolute paths into it break): bind it back at the same path. "." is still the
+        # old directory; --no-canonicalize makes mount hand "." to the kernel as is, instead
+        # of a path string that would resolve in the new /tmp.
+        real_cwd = os.path.realpath(request.cwd)
+        if os.path.commonpath([real_cwd, "/tmp"]) == "/tmp" and real_cwd != "/tmp":
+            mkdir = _tool("mkdir")
+            if mkdir is None:
+                raise SandboxUnavailable("mkdir is not installed")
+            script.append(
+                f'{shlex.quote(mkdir)} -p "$1" && {shlex.quote(mount)} --no-canonicalize'
+                f' --bind . "$1" || exit {_SETUP_FAILED}; shift'
+            )
+            script_args.append(real_cwd)
+    if script or ns.pid:
         # As PID 1 the shell must not exec: it stays to run the command as its child.
         script.append('"$@"; exit $?' if ns.pid else 'exec "$@"')
         cmd += [sh, "-c", "\n".join(script), "reexec-sandbox", *script_args]
@@ -450,7 +484,9 @@ def _prepare(request: RunRequest, prep: _Prepared) -> None:
     if ns.requested:
         err, _ = _find_executable(request.argv[0], request.env, request.cwd, prep.user)
         if err:
-            prep.exec_error = (err, _exec_error_message(request.argv[0], err, request.env))
+            message = _exec_error_message(request.argv[0], err, request.env)
+            _write_error(prep.stderr_fd, message)
+            prep.exec_error = (err, message)
             return
         prep.command = _sandbox_command(request, prep.user)
         prep.env = dict(_WRAPPER_ENV)
@@ -548,10 +584,8 @@ async def run_command(request: RunRequest) -> RunResult:
     try:
         await trio.to_thread.run_sync(_prepare, request, prep)
         started_at = time.time()
-        if prep.exec_error is not None:
-            err, message = prep.exec_error
-            _write_error(prep.stderr_fd, message)
-            return _error_result(err, message, started_at)
+        if prep.exec_error is not None:  # already written to the stderr file
+            return _error_result(*prep.exec_error, started_at)
         options: dict[str, object] = {}
         if prep.user is not None and not request.namespaces.requested:
             options = {"user": prep.user.uid, "group": prep.user.gid, "extra_groups": []}
@@ -576,7 +610,7 @@ async def run_command(request: RunRequest) -> RunResult:
                     raise
                 err = exc.errno or errno.ENOEXEC
                 message = _exec_error_message(request.argv[0], err, request.env)
-                _write_error(prep.stderr_fd, message)
+                await trio.to_thread.run_sync(_write_error, prep.stderr_fd, message)
                 return _error_result(err, message, started_at)
     finally:
         prep.close()
