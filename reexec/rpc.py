@@ -23,6 +23,7 @@ from grpclib.exceptions import GRPCError
 
 from reexec import fastpb
 from reexec.errors import InvalidArgument, ReexecError
+from reexec.metrics import RPC_DURATION
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ class RpcGate:
         self.inflight = 0
         self._idle = trio.Event()
         self._idle.set()
-        self.calls: dict[tuple[str, str], int] = {}
-        self.latency_sum: dict[str, float] = {}
 
     def enter(self, method: str) -> None:
         if self.draining:
@@ -94,9 +93,7 @@ class RpcGate:
 
     def leave(self, method: str, status: str, seconds: float) -> None:
         self.inflight -= 1
-        key = (method, status)
-        self.calls[key] = self.calls.get(key, 0) + 1
-        self.latency_sum[method] = self.latency_sum.get(method, 0.0) + seconds
+        RPC_DURATION.observe(seconds, method, status)
         if self.inflight == 0:
             self._idle.set()
 

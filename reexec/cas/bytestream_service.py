@@ -20,6 +20,7 @@ from reexec.cas.resource import Compressor, ResourceName, parse_read_name, parse
 from reexec.cas.store import READ_CHUNK, BlobWriter, Store
 from reexec.errors import InvalidArgument, NotFound, OutOfRange
 from reexec.gen.google import bytestream as bs
+from reexec.metrics import CAS_BYTES
 from reexec.rpc import Cardinality, Service, Stream, aio, check_instance, streaming, unary
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class ByteStreamService(Service):
                 if not chunk:
                     break
                 remaining -= len(chunk)
+                CAS_BYTES.inc(len(chunk), "read")
                 await aio(stream.send_message, fastpb.ReadResponse(data=chunk))
 
     async def _read_zstd(self, stream: Stream, name: ResourceName, offset: int) -> None:
@@ -227,6 +229,7 @@ class ByteStreamService(Service):
         if not data:
             return
         upload.received += len(data)
+        CAS_BYTES.inc(len(data), "write")
         if upload.decompressor is None:
             await upload.writer.write(data)
             return

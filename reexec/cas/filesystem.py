@@ -278,6 +278,26 @@ class FilesystemStore(Store):
             _remove_quietly(tmp)
             raise
 
+    async def discard_if_same_file(self, digest: Digest, st_dev: int, st_ino: int) -> bool:
+        """Remove the blob if its file is this inode (a co-located worker, which hardlinked it,
+        found it modified). Returns whether it was removed."""
+        async with self._mutate:
+            removed = await trio.to_thread.run_sync(self._unlink_if_inode, digest, st_dev, st_ino)
+            if removed:
+                self._lru.remove(digest)
+        return removed
+
+    def _unlink_if_inode(self, digest: Digest, st_dev: int, st_ino: int) -> bool:
+        path = self.blob_path(digest)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) != (st_dev, st_ino):
+            return False
+        _remove_quietly(path)
+        return True
+
     def stats(self) -> dict[str, int]:
         return {
             "blobs": len(self._lru),

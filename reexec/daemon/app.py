@@ -30,8 +30,18 @@ from reexec.cas.capabilities_service import CapabilitiesService
 from reexec.cas.cas_service import CasService
 from reexec.cas.factory import build_action_cache, build_store
 from reexec.cas.store import Store
-from reexec.daemon.config import Config, SchedulerConfig, parse_size
+from reexec.daemon.config import (
+    Config,
+    ConfigError,
+    SchedulerConfig,
+    WorkerConfig,
+    load_config,
+    parse_size,
+)
 from reexec.daemon.grpc_server import GrpcServer, make_ssl_context
+from reexec.daemon.logs import setup_logging
+from reexec.daemon.sdnotify import Notifier
+from reexec.daemon.status import StatusSources, run_status_server
 from reexec.daemon.worker_role import build_worker, default_worker_id, unix_channel_factory
 from reexec.rpc import RpcGate, Servable, Service
 from reexec.sandbox.agent import WorkerAgent
@@ -55,10 +65,33 @@ class Daemon:
     services: list[Service] = field(default_factory=list)
     scheduler: Scheduler | None = None
     agent: WorkerAgent | None = None
+    status: StatusSources | None = None
+    notifier: Notifier = field(default_factory=Notifier.from_environment)
+    nursery: trio.Nursery | None = None
+    _drained: trio.Event = field(default_factory=trio.Event)
+    _draining: bool = False
 
     @property
     def port(self) -> int:
         return self.server.addresses[0][1]
+
+    async def drain(self) -> None:
+        """Graceful stop: refuse new client RPCs, let in-flight ones (and the actions they wait
+        for) finish within the grace period, drain the local worker, then stop."""
+        if self._draining:
+            await self._drained.wait()
+            return
+        self._draining = True
+        if self.status is not None:
+            self.status.draining = True
+        self.notifier.stopping(f"draining {self.server.gate.inflight} RPCs")
+        await self.server.drain(self.config.server.grace_period_s, close=False)
+        if self.agent is not None:
+            await self.agent.drain()
+        await self.server.close()
+        self._drained.set()
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
 
 async def open_stores(config: Config) -> tuple[Store, ActionCache]:
@@ -142,6 +175,7 @@ async def run_daemon(
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
     local_worker: bool = True,
+    config_path: str | None = None,
 ) -> None:
     """Run until cancelled or, with `handle_signals`, until SIGINT/SIGTERM has drained us.
 
@@ -182,10 +216,33 @@ async def run_daemon(
                         default_worker_id("-local"),
                     )
                     await nursery.start(agent.run)
-                daemon = Daemon(config, cas, ac, server, services, scheduler, agent)
+                daemon = Daemon(
+                    config, cas, ac, server, services, scheduler, agent, nursery=nursery
+                )
+                daemon.status = StatusSources(
+                    role="serve" if local_worker else "scheduler",
+                    listen=[f"{h}:{p}" for h, p in server.addresses],
+                    cas=cas,
+                    ac=ac,
+                    services=services,
+                    scheduler=scheduler,
+                    agent=agent,
+                    gate=server.gate,
+                    drain_self=daemon.drain,
+                )
+                await start_status_endpoint(nursery, config, daemon.status)
                 if handle_signals:
-                    nursery.start_soon(_watch_signals, daemon, nursery)
+                    nursery.start_soon(_watch_signals, daemon, config_path)
+                nursery.start_soon(daemon.notifier.run_watchdog)
                 log.info("reexecd ready", extra={"pid": os.getpid(), "data_dir": config.data_dir})
+                daemon.notifier.ready(
+                    f"serving on {', '.join(daemon.status.listen)}"
+                    + (
+                        f" with a local worker ({agent.settings.max_inflight} slots)"
+                        if agent
+                        else ""
+                    )
+                )
                 task_status.started(daemon)
                 await trio.sleep_forever()
         finally:
@@ -207,15 +264,69 @@ async def _asyncio_loop() -> AsyncIterator[None]:
         yield
 
 
-async def _watch_signals(daemon: Daemon, nursery: trio.Nursery) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def start_status_endpoint(
+    nursery: trio.Nursery, config: Config, sources: StatusSources
+) -> None:
+    sc = config.status
+    socket_path = None
+    if sc.socket:
+        p = Path(sc.socket)
+        socket_path = str(p if p.is_absolute() else Path(config.data_dir) / p)
+        if len(socket_path) > 100:
+            log.warning(
+                "status socket path %s is too long for AF_UNIX; not serving it", socket_path
+            )
+            socket_path = None
+    if socket_path or sc.listen:
+        await nursery.start(
+            run_status_server, sources, socket_path, int(sc.socket_mode, 8), sc.listen
+        )
+
+
+async def _watch_signals(daemon: Daemon, config_path: str | None) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                reload_config(daemon, config_path)
+                continue
             log.info("received %s: draining", signal.Signals(signum).name)
             break
-    # Client RPCs first (Execute streams keep waiting for their actions, which the local
-    # worker still runs), then the worker itself.
-    await daemon.server.drain(daemon.config.server.grace_period_s, close=False)
+    await daemon.drain()
+
+
+def reload_config(daemon: Daemon, config_path: str | None) -> None:
+    """SIGHUP: apply what can change at run time (log level and format, the worker's
+    precondition script); say clearly that everything else needs a restart."""
+    daemon.notifier.reloading()
+    try:
+        new = load_config(config_path)
+    except ConfigError as e:
+        log.error("reload failed, keeping the running configuration: %s", e)
+        daemon.notifier.ready("reload failed; running configuration unchanged")
+        return
+    old = daemon.config
+    setup_logging(new.log.level, new.log.format)
     if daemon.agent is not None:
-        await daemon.agent.drain()
-    await daemon.server.close()
-    nursery.cancel_scope.cancel()
+        daemon.agent.settings.precondition_script = new.worker.precondition_script
+    changed = [
+        key
+        for key in ("server", "cas", "action_cache", "scheduler", "status", "data_dir")
+        if getattr(new, key) != getattr(old, key)
+    ]
+    worker_changed = [
+        k
+        for k in WorkerConfig.__struct_fields__
+        if k != "precondition_script" and getattr(new.worker, k) != getattr(old.worker, k)
+    ]
+    if worker_changed:
+        changed.append("worker." + "/".join(worker_changed))
+    old.log = new.log
+    old.worker.precondition_script = new.worker.precondition_script
+    if changed:
+        log.warning(
+            "reloaded log settings and the precondition script; these changes need a restart: %s",
+            ", ".join(changed),
+        )
+    else:
+        log.info("configuration reloaded")
+    daemon.notifier.ready("configuration reloaded")

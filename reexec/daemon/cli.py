@@ -41,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     _common(worker)
     worker.add_argument("--scheduler", help="override worker.scheduler (grpc://HOST:PORT)")
     worker.add_argument("--worker-id", help="override worker.worker_id")
+    status = sub.add_parser("status", help="show a running daemon's state (its status socket)")
+    drain = sub.add_parser("drain", help="drain a worker (via the scheduler) or this daemon")
+    for s in (status, drain):
+        s.add_argument("--config", help="config file (to find the default socket)")
+        s.add_argument("--data-dir", help="override data_dir (the socket lives there)")
+        s.add_argument("--socket", help="status socket path (default: <data-dir>/reexecd.sock)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON document")
+    target = drain.add_mutually_exclusive_group(required=True)
+    target.add_argument("worker_id", nargs="?", help="a worker connected to this scheduler")
+    target.add_argument("--self", action="store_true", dest="self_", help="drain this daemon")
     check = sub.add_parser(
         "check-config", help="validate a config file and print the effective configuration"
     )
@@ -55,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"reexecd: {e}", file=sys.stderr)
         return 2
+    if args.command in ("status", "drain"):
+        from reexec.daemon.status_cli import drain_command, status_command
+
+        if args.data_dir:
+            config.data_dir = args.data_dir
+        if args.command == "status":
+            return status_command(config, args.socket, args.json)
+        return drain_command(config, args.socket, None if args.self_ else args.worker_id)
     if args.command == "check-config":
         import msgspec
 
@@ -80,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     from reexec.daemon.worker_role import run_worker
 
     if args.command == "worker":
-        main_fn = partial(run_worker, config)
+        main_fn = partial(run_worker, config, args.config)
     else:
-        main_fn = partial(run_daemon, config, local_worker=args.command == "serve")
+        main_fn = partial(
+            run_daemon, config, local_worker=args.command == "serve", config_path=args.config
+        )
     try:
         trio.run(main_fn)
     except ConfigError as e:

@@ -215,6 +215,18 @@ class WorkerConfig(_Base):
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
 
 
+# -- Status endpoint --------------------------------------------------------------------------
+
+
+class StatusConfig(_Base):
+    socket: str = "reexecd.sock"
+    """Unix socket of the status/metrics HTTP endpoint (relative: under data_dir); "" turns it off."""
+    socket_mode: str = "0660"
+    """Octal file mode of the socket (group members may query and drain)."""
+    listen: str = ""
+    """Optional host:port serving /metrics, /healthz and /readyz over TCP (never /drain)."""
+
+
 def _default_cas() -> StoreConfig:
     return VerifyStoreConfig(inner=FilesystemStoreConfig())
 
@@ -231,6 +243,7 @@ class Config(_Base):
     action_cache: ActionCacheConfig = msgspec.field(default_factory=_default_ac)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    status: StatusConfig = msgspec.field(default_factory=StatusConfig)
 
 
 class ConfigError(Exception):

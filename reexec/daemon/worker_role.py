@@ -115,32 +115,83 @@ def default_worker_id(suffix: str = "") -> str:
     return socket.gethostname() + suffix
 
 
-async def run_worker(config: Config) -> None:
+async def run_worker(config: Config, config_path: str | None = None) -> None:
     """`reexecd worker`: run actions for a remote scheduler until SIGINT/SIGTERM drains us."""
     import signal
 
     import trio
 
+    from reexec.daemon.sdnotify import Notifier
+    from reexec.daemon.status import StatusSources
     from reexec.sandbox.cas_access import GrpcAccess
 
     factory = scheduler_channel_factory(config)
+    notifier = Notifier.from_environment()
     async with trio_asyncio.open_loop():
         cas_channel = await factory()
         try:
             access = GrpcAccess(cas_channel, config.worker.instance_name)
             agent = await build_worker(config, access, factory, default_worker_id())
+            status = StatusSources(role="worker", agent=agent, drain_self=agent.drain)
+
+            async def drain() -> None:
+                status.draining = True
+                notifier.stopping(f"draining {len(agent.running)} running action(s)")
+                await agent.drain()
+
+            status.drain_self = drain
             async with trio.open_nursery() as nursery:
-                await nursery.start(agent.run)
+                from reexec.daemon.app import start_status_endpoint
+
+                await start_status_endpoint(nursery, config, status)
 
                 async def watch() -> None:
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    with trio.open_signal_receiver(
+                        signal.SIGINT, signal.SIGTERM, signal.SIGHUP
+                    ) as signals:
                         async for signum in signals:
+                            if signum == signal.SIGHUP:
+                                _reload_worker(agent, config, config_path, notifier)
+                                continue
                             log.info("received %s: draining", signal.Signals(signum).name)
                             break
-                    await agent.drain()
-                    nursery.cancel_scope.cancel()
+                    await drain()
 
                 nursery.start_soon(watch)
+                nursery.start_soon(notifier.run_watchdog)
+                notifier.ready(f"worker {agent.settings.worker_id} for {config.worker.scheduler}")
+                # Returns once drained, by a signal or at the scheduler's request.
+                await agent.run()
+                nursery.cancel_scope.cancel()
         finally:
             cas_channel.close()
     log.info("worker stopped")
+
+
+def _reload_worker(agent: WorkerAgent, config: Config, config_path: str | None, notifier) -> None:  # type: ignore[no-untyped-def]
+    """SIGHUP on a worker: log settings and the precondition script change at run time."""
+    from reexec.daemon.config import load_config
+    from reexec.daemon.logs import setup_logging
+
+    notifier.reloading()
+    try:
+        new = load_config(config_path)
+    except ConfigError as e:
+        log.error("reload failed, keeping the running configuration: %s", e)
+        notifier.ready("reload failed; running configuration unchanged")
+        return
+    setup_logging(new.log.level, new.log.format)
+    agent.settings.precondition_script = new.worker.precondition_script
+    others = [
+        k
+        for k in type(new.worker).__struct_fields__
+        if k not in ("precondition_script", "scheduler", "worker_id")
+        and getattr(new.worker, k) != getattr(config.worker, k)
+    ]
+    config.log = new.log
+    config.worker.precondition_script = new.worker.precondition_script
+    if others:
+        log.warning("reloaded; these changes need a restart: worker.%s", ", worker.".join(others))
+    else:
+        log.info("configuration reloaded")
+    notifier.ready("configuration reloaded")

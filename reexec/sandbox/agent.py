@@ -207,6 +207,10 @@ class WorkerAgent:
             kind = msg.WhichOneof("kind")
             if kind == "start_execute":
                 await self._accept(msg.start_execute)
+            elif kind == "drain":
+                log.info("the scheduler asks this worker to drain: %s", msg.drain.reason)
+                if not self._going_away:
+                    self._actions.start_soon(self.drain)
             elif kind == "cancel_execute":
                 c = msg.cancel_execute
                 for (name, attempt), r in list(self.running.items()):

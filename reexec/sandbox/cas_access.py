@@ -56,6 +56,13 @@ class CasAccess(abc.ABC):
     async def upload(self, blobs: dict[Digest, Path | bytes]) -> None:
         """Make sure the CAS holds every blob (content from a file or bytes)."""
 
+    async def discard_modified(self, files: Sequence[tuple[Digest, int, int]]) -> None:  # noqa: B027
+        """The worker found these cache files (digest, st_dev, st_ino) modified by an action.
+
+        A CAS that shares their inodes (hardlinks) holds the same corrupted bytes and must
+        drop those blobs; a remote CAS has its own copies and ignores this.
+        """
+
 
 def _unwrap_filesystem(store: Store) -> FilesystemStore | None:
     """The filesystem store that holds committed blobs, if the tree has one in front."""
@@ -78,6 +85,7 @@ class LocalStoreAccess(CasAccess):
         self.fs = _unwrap_filesystem(store)
         self.links = 0
         self.copies = 0
+        self.discarded = 0
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         return await self.store.find_missing(digests)
@@ -103,6 +111,17 @@ class LocalStoreAccess(CasAccess):
                     await trio.to_thread.run_sync(f.write, chunk)
             finally:
                 f.close()
+
+    async def discard_modified(self, files: Sequence[tuple[Digest, int, int]]) -> None:
+        if self.fs is None:
+            return
+        for digest, dev, ino in files:
+            if await self.fs.discard_if_same_file(digest, dev, ino):
+                self.discarded += 1
+                log.warning(
+                    "dropped %s from the CAS: an action modified the worker's hardlink to it",
+                    digest.blob_path,
+                )
 
     async def upload(self, blobs: dict[Digest, Path | bytes]) -> None:
         missing = set(await self.store.find_missing(list(blobs)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
+import pwd
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -23,19 +25,21 @@ from grpclib.const import Status
 
 from reexec import fastpb
 from reexec.cas.digest import DigestFunction, make_digest
-from reexec.errors import InvalidArgument, ReexecError, missing_blobs_error
+from reexec.errors import Internal, InvalidArgument, ReexecError, Unavailable, missing_blobs_error
 from reexec.sandbox.cas_access import CasAccess
 from reexec.sandbox.local_cas import LocalCas, MissingInputs
 from reexec.sandbox.materialize import (
     DirectoryCache,
     InputTree,
+    check_relative,
     load_directories,
     materialize_sync,
+    output_paths,
     plan_tree,
     prepare_outputs_sync,
 )
 from reexec.sandbox.outputs import CollectedOutputs, collect_outputs_sync, log_blob_sync
-from reexec.sandbox.runner import NamespaceOptions, RunRequest, run_command
+from reexec.sandbox.runner import NamespaceOptions, RunRequest, SandboxUnavailable, run_command
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,8 @@ class ActionExecutor:
     def __init__(
         self, settings: ExecutorSettings, cache: LocalCas, access: CasAccess, dirs: DirectoryCache
     ) -> None:
+        # The command's cwd must be absolute (a relative data_dir gives a relative path).
+        settings.work_directory = Path(os.path.abspath(settings.work_directory))
         self.settings = settings
         self.cache = cache
         self.access = access
@@ -114,6 +120,8 @@ class ActionExecutor:
         try:
             await self._run(start, base, result, progress, finished)
         except ReexecError as e:
+            # User errors are final; the CAS or the worker failing is worth another try.
+            finished.retryable = isinstance(e, (Internal, Unavailable))
             finished.status.code = e.status.value
             finished.status.message = e.message
             if e.violations:
@@ -125,7 +133,9 @@ class ActionExecutor:
             finished.retryable = True
             finished.status.code = Status.UNAVAILABLE.value
             finished.status.message = str(e)
-        except (OSError, DecodeError) as e:
+        except Exception as e:
+            # OSError (disk trouble) and anything unexpected: report it, never take the agent
+            # down with it.
             log.exception("action %s failed on the worker", start.operation_name)
             finished.retryable = True
             finished.status.code = Status.INTERNAL.value
@@ -144,7 +154,10 @@ class ActionExecutor:
         progress: Callable[[int], Awaitable[None]],
         finished: fastpb.Message,
     ) -> None:
-        function = DigestFunction(start.digest_function or 1)
+        try:
+            function = DigestFunction(start.digest_function or 1)
+        except ValueError:
+            raise InvalidArgument(f"unknown digest function {start.digest_function}") from None
         try:
             action = fastpb.Action.FromString(start.action)
             command = fastpb.Command.FromString(start.command)
@@ -161,7 +174,12 @@ class ActionExecutor:
         key = (root_digest, self.settings.allow_absolute_symlinks)
         tree = self.dirs.plan(key)
         if tree is None:
-            directories = await load_directories(root_digest, self.access, self.dirs)
+            try:
+                directories = await load_directories(root_digest, self.access, self.dirs)
+            except MissingInputs as e:
+                raise missing_blobs_error(
+                    "input directories of the action", [d.blob_path for d in e.missing]
+                ) from None
             tree = plan_tree(root_digest, directories, self.settings.allow_absolute_symlinks)
             self.dirs.put_plan(key, tree)
         entries = tree.entries()
@@ -182,6 +200,7 @@ class ActionExecutor:
             await progress(EXECUTING)
             cwd = exec_root / command.working_directory if command.working_directory else exec_root
             env = {v.name: v.value for v in command.environment_variables}
+            _check_command(list(command.arguments), env)
             request = RunRequest(
                 argv=list(command.arguments),
                 env=env,
@@ -194,18 +213,18 @@ class ActionExecutor:
                 namespaces=self._namespaces(action, command),
                 tmp_dir=base / "tmp",
             )
-            run = await run_command(request)
+            try:
+                run = await run_command(request)
+            except ValueError as e:  # the request checked above: run_as unknown here, etc.
+                raise _Retryable(f"worker {self.settings.worker_id}: {e}") from None
+            except SandboxUnavailable as e:
+                raise _Retryable(f"worker {self.settings.worker_id}: {e}") from None
+            finally:
+                # Also when the action was cancelled: a modified input must not stay cached.
+                with trio.CancelScope(shield=True):
+                    await self._check_inputs(entries, start.operation_name)
             _ts(meta.execution_start_timestamp, run.started_at)
             _ts(meta.execution_completed_timestamp, run.finished_at)
-            broken = await trio.to_thread.run_sync(self.cache.check_intact_sync, entries)
-        if broken:
-            self.cache.forget(broken)
-            self.stats.tampered += len(broken)
-            log.warning(
-                "action %s modified %d linked input file(s); removed them from the cache",
-                start.operation_name,
-                len(broken),
-            )
 
         # Outputs.
         await progress(UPLOADING)
@@ -215,9 +234,10 @@ class ActionExecutor:
         )
         result.MergeFrom(collected.result)
         result.exit_code = run.exit_code
-        self.cache.register_adopted(collected.entries)
         t0 = trio.current_time()
+        # Leased before they are indexed: indexing may evict, and these are about to be read.
         with self.cache.lease(collected.entries):
+            self.cache.register_adopted(collected.entries)
             with trio.move_on_after(self.settings.upload_timeout_s) as upload_scope:
                 try:
                     await self.access.upload(collected.uploads)
@@ -237,6 +257,17 @@ class ActionExecutor:
         elif run.error:
             finished.message = run.error
 
+    async def _check_inputs(self, entries: list, operation_name: str) -> None:  # type: ignore[type-arg]
+        broken = await trio.to_thread.run_sync(self.cache.check_intact_sync, entries)
+        if broken:
+            await self.cache.drop_broken(broken)
+            self.stats.tampered += len(broken)
+            log.warning(
+                "action %s modified %d linked input file(s); removed them from the cache",
+                operation_name,
+                len(broken),
+            )
+
     def _materialize(
         self, tree: InputTree, base: Path, exec_root: Path, command: fastpb.Message
     ) -> None:
@@ -247,6 +278,35 @@ class ActionExecutor:
         self.stats.links += stats.links
         self.stats.copies += stats.copies
         prepare_outputs_sync(exec_root, command)
+        if self.settings.run_as is not None:
+            self._hand_over(tree, base, exec_root, command)
+
+    def _hand_over(
+        self, tree: InputTree, base: Path, exec_root: Path, command: fastpb.Message
+    ) -> None:
+        """Give the directories of the input root (never its files: those are the cache's) and
+        the temp dir to the user actions run as, so the action can create its outputs."""
+        ids = _user_ids(self.settings.run_as)
+        if ids is None or ids == (os.geteuid(), os.getegid()):
+            return  # the same user, or an unknown one (run_command reports that)
+        uid, gid = ids
+        os.chmod(base, 0o755)  # whatever the umask; base itself stays the worker's
+        dirs = set(tree.dirs)
+
+        def with_parents(rel: str) -> None:
+            while rel and rel != ".":
+                dirs.add(rel)
+                rel = posixpath.dirname(rel)
+
+        if command.working_directory:
+            with_parents(check_relative(command.working_directory, "working_directory"))
+        for p in output_paths(command):
+            with_parents(posixpath.dirname(check_relative(p, "output path")))
+        os.lchown(base / "tmp", uid, gid)
+        os.lchown(exec_root, uid, gid)
+        for d in dirs:
+            # lchown: prepare_outputs_sync never creates through symlinks, but never follow one.
+            os.lchown(exec_root / d, uid, gid)
 
     def _collect(
         self, exec_root: Path, command: fastpb.Message, function: DigestFunction, base: Path
@@ -268,6 +328,31 @@ class ActionExecutor:
         if props.get("network") == "off" and not ns.network:
             return NamespaceOptions(network=True, pid=ns.pid, private_tmp=ns.private_tmp)
         return ns
+
+
+def _check_command(argv: list[str], env: dict[str, str]) -> None:
+    """What the runner would refuse as a bad request, reported as the client's error."""
+    if not argv or not argv[0]:
+        raise InvalidArgument("the Command has no arguments (argv[0] is the program to run)")
+    for arg in argv:
+        if "\0" in arg:
+            raise InvalidArgument(f"argument {arg!r} of the Command contains a NUL byte")
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise InvalidArgument(f"invalid environment variable {name!r} in the Command")
+
+
+def _user_ids(run_as: str | int | None) -> tuple[int, int] | None:
+    if run_as is None:
+        return None
+    try:
+        if isinstance(run_as, int) or run_as.isdigit():
+            entry = pwd.getpwuid(int(run_as))
+        else:
+            entry = pwd.getpwnam(run_as)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
 
 
 def _force_remove(path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from typing import NamedTuple
 
 import trio
 
-from reexec.cas.digest import Digest, DigestFunction, is_empty
+from reexec.cas.digest import Digest, DigestFunction, is_empty, new_hasher
 from reexec.cas.lru import LruIndex
 from reexec.cas.store import BlobNotFound
 from reexec.sandbox.cas_access import SMALL_BLOB, CasAccess
@@ -65,6 +66,7 @@ class LocalCas:
         self._lru: LruIndex[Entry] = LruIndex(max_bytes)
         self._inflight: dict[Entry, trio.Event] = {}
         self._mtimes: dict[Entry, int] = {}  # mtime at insertion, for tamper checks
+        self._broken_files: dict[Entry, tuple[int, int]] = {}  # (st_dev, st_ino) of removed
         self._limit = trio.CapacityLimiter(FETCH_CONCURRENCY)
         self.stats = FetchStats()
         self.repaired = 0
@@ -140,18 +142,24 @@ class LocalCas:
             if self.access.prefers_batches
             else []
         )
-        async with trio.open_nursery() as nursery:
-            if small:
-                nursery.start_soon(self._fetch_small, small, missing)
-            for e in wanted:
-                if e not in small:
-                    nursery.start_soon(self._fetch_one, e, missing)
+        try:
+            async with trio.open_nursery() as nursery:
+                if small:
+                    nursery.start_soon(self._fetch_small, small, missing)
+                for e in wanted:
+                    if e not in small:
+                        nursery.start_soon(self._fetch_one, e, missing)
+        except ExceptionGroup as group:
+            # Callers handle ReexecError / OSError: report the first failure, not a group.
+            raise _first_leaf(group) from group
         self.stats.fetch_seconds += trio.current_time() - started
         if missing:
             raise MissingInputs(sorted(set(missing)))
 
     async def _fetch_small(self, entries: list[Entry], missing: list[Digest]) -> None:
         mine = [e for e in entries if e not in self._inflight and not self._lru.touch(e)]
+        # Entries another call started fetching meanwhile: wait for those (or fetch them).
+        others = [e for e in entries if e not in mine]
         events = {e: trio.Event() for e in mine}
         self._inflight.update(events)
         try:
@@ -174,6 +182,8 @@ class LocalCas:
                 del self._inflight[e]
                 ev.set()
         self._evict_soon()
+        for e in others:
+            await self._fetch_one(e, missing)
 
     def _write_all(self, ready: list[tuple[Entry, bytes]]) -> None:
         for e, blob in ready:
@@ -183,7 +193,16 @@ class LocalCas:
             self._install(tmp, e)
 
     def _install(self, tmp: Path, e: Entry) -> None:
-        os.chmod(tmp, 0o555 if e.executable else 0o444)
+        mode = 0o555 if e.executable else 0o444
+        st = os.stat(tmp)
+        if st.st_nlink > 1 and st.st_mode & 0o7777 != mode:
+            # A hardlink to someone else's file (the CAS store's blob): chmod would change
+            # their copy too, and the mode of other entries sharing it. Copy this one.
+            copy = self.tmp / uuid.uuid4().hex
+            shutil.copyfile(tmp, copy)
+            os.unlink(tmp)
+            tmp = copy
+        os.chmod(tmp, mode)
         final = self.path(e)
         try:
             os.rename(tmp, final)
@@ -240,6 +259,10 @@ class LocalCas:
         if final.exists():
             _unlink_quietly(src)
             return final
+        if os.lstat(src).st_uid != os.geteuid():
+            # Written by an action running as another user: as owner it could still chmod
+            # and rewrite the cache entry (and a CAS blob linked to it) later.
+            os.chown(src, os.geteuid(), os.getegid(), follow_symlinks=False)
         os.chmod(src, 0o555 if e.executable else 0o444)
         try:
             os.rename(src, final)
@@ -261,9 +284,11 @@ class LocalCas:
     # -- tamper safety --------------------------------------------------------------------------
 
     def check_intact_sync(self, entries: Iterable[Entry]) -> list[Entry]:
-        """Entries whose file changed since insertion (size, mode, mtime); run in a thread.
+        """Entries whose file changed since insertion (size, mode, content); run in a thread.
 
-        Such files are removed so the next action fetches a fresh copy.
+        A changed mtime alone is not proof (the CAS store touches blobs that share the inode
+        when it reads them): such files are hashed again. Broken files are removed so the next
+        action fetches a fresh copy.
         """
         broken = []
         for e in entries:
@@ -274,20 +299,35 @@ class LocalCas:
                 broken.append(e)
                 continue
             mode = 0o555 if e.executable else 0o444
+            recorded = self._mtimes.get(e, st.st_mtime_ns)
             if (
                 st.st_size != e.digest.size
                 or st.st_mode & 0o7777 != mode
-                or st.st_mtime_ns != self._mtimes.get(e, st.st_mtime_ns)
+                or not stat.S_ISREG(st.st_mode)
+                or (st.st_mtime_ns != recorded and not _content_matches(path, e.digest))
             ):
                 broken.append(e)
+                self._broken_files[e] = (st.st_dev, st.st_ino)
                 _unlink_quietly(path)
+            elif st.st_mtime_ns != recorded:
+                self._mtimes[e] = st.st_mtime_ns
         return broken
 
     def forget(self, entries: Iterable[Entry]) -> None:
         for e in entries:
             self._lru.remove(e)
             self._mtimes.pop(e, None)
+            self._broken_files.pop(e, None)
             self.repaired += 1
+
+    async def drop_broken(self, entries: Iterable[Entry]) -> None:
+        """`forget` entries `check_intact_sync` found broken, and have the CAS drop blobs that
+        were the very same file (hardlinked from or to it): those are corrupted too."""
+        entries = list(entries)
+        files = [(e.digest, *self._broken_files[e]) for e in entries if e in self._broken_files]
+        self.forget(entries)
+        if files:
+            await self.access.discard_modified(files)
 
     def stats_dict(self) -> dict[str, int]:
         return {
@@ -308,6 +348,22 @@ def _parse(name: str, function: DigestFunction) -> Entry | None:
     if len(parts) == 3 and parts[2] != "x":
         return None
     return Entry(Digest(parts[0], int(parts[1]), function), len(parts) == 3)
+
+
+def _content_matches(path: Path, digest: Digest) -> bool:
+    h = new_hasher(digest.function)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return False
+    return h.hexdigest() == digest.hash
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -12,6 +12,7 @@ import errno
 import os
 import posixpath
 import shutil
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,17 @@ async def load_directories(
     out: dict[Digest, fastpb.Message] = {}
     level = [root]
     while level:
-        need = [d for d in dict.fromkeys(level) if d not in out and cache.get(d) is None]
+        # Kept here too: the cache may evict part of a level larger than itself.
+        found: dict[Digest, fastpb.Message] = {}
+        need = []
+        for d in dict.fromkeys(level):
+            if d in out:
+                continue
+            directory = cache.get(d)
+            if directory is None:
+                need.append(d)
+            else:
+                found[d] = directory
         if need:
             absent = set(await access.find_missing(need))
             if absent:
@@ -101,17 +112,17 @@ async def load_directories(
             raw = await access.read_small(need)
             for d, data in raw.items():
                 try:
-                    cache.put(d, fastpb.Directory.FromString(data))
+                    found[d] = fastpb.Directory.FromString(data)
                 except DecodeError:
                     raise InvalidInputTree(
                         f"{d.blob_path} is not a valid Directory message"
                     ) from None
+                cache.put(d, found[d])
         next_level: list[Digest] = []
         for d in level:
             if d in out:
                 continue
-            directory = cache.get(d)
-            assert directory is not None
+            directory = found[d]
             out[d] = directory
             next_level.extend(_child_digest(c, d) for c in directory.directories)
         level = next_level
@@ -221,10 +232,31 @@ def check_relative(path: str, what: str) -> str:
 def prepare_outputs_sync(exec_root: Path, command: fastpb.Message) -> None:
     """Create the parent directories of every declared output (genrules rely on it)."""
     if command.working_directory:
-        wd = exec_root / check_relative(command.working_directory, "working_directory")
-        wd.mkdir(parents=True, exist_ok=True)
+        wd = check_relative(command.working_directory, "working_directory")
+        _make_dirs(exec_root, wd, "working_directory", command.working_directory)
     for p in output_paths(command):
         rel = check_relative(p, "output path")
         parent = posixpath.dirname(rel)
         if parent:
-            (exec_root / parent).mkdir(parents=True, exist_ok=True)
+            _make_dirs(exec_root, parent, "output path", p)
+
+
+def _make_dirs(exec_root: Path, rel: str, what: str, declared: str) -> None:
+    """mkdir -p of `rel` under `exec_root`, never through a symlink of the input tree (which
+    could point anywhere: the worker must not create directories outside the input root)."""
+    path = str(exec_root)
+    for part in rel.split("/"):
+        if part == ".":
+            continue
+        path += "/" + part
+        try:
+            os.mkdir(path)
+            continue
+        except FileExistsError:
+            pass
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            continue
+        kind = "a symlink" if stat.S_ISLNK(mode) else "not a directory"
+        shown = posixpath.relpath(path, str(exec_root))
+        raise InvalidArgument(f"{what} {declared!r}: {shown!r} in the input root is {kind}")

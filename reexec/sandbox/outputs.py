@@ -101,6 +101,10 @@ def collect_outputs_sync(
     )
     for rel, kind in declared:
         full_rel = check_relative(f"{wd}/{rel}" if wd else rel, "output path")
+        if not _parents_are_directories(exec_root, full_rel):
+            # Through a symlink (the action may point it anywhere) or a file: not an output.
+            # Following it would move or upload files from outside the input root.
+            continue
         full = exec_root / full_rel
         try:
             st = os.lstat(full)
@@ -108,14 +112,12 @@ def collect_outputs_sync(
             continue
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(full)
-            points_to_dir = os.path.isdir(full)
-            s = result.output_symlinks.add(path=rel, target=target)
-            del s
+            result.output_symlinks.add(path=rel, target=target)
             if not v21:
-                # Clients of v2.0 read the older, kind-specific fields.
+                # Clients of v2.0 read the older fields, chosen by the declared kind.
                 legacy = (
                     result.output_directory_symlinks
-                    if points_to_dir
+                    if kind == "dir"
                     else result.output_file_symlinks
                 )
                 legacy.add(path=rel, target=target)
@@ -144,6 +146,20 @@ def collect_outputs_sync(
             f = result.output_files.add(path=rel, is_executable=executable)
             f.digest.hash, f.digest.size_bytes = digest.hash, digest.size
     return out
+
+
+def _parents_are_directories(exec_root: Path, rel: str) -> bool:
+    path = str(exec_root)
+    for part in rel.split("/")[:-1]:
+        if part == ".":
+            continue
+        path += "/" + part
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return False
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+    return True
 
 
 def log_blob_sync(

@@ -21,6 +21,7 @@ import trio
 from reexec.cas.action_cache import ActionCache, ActionKey
 from reexec.cas.digest import Digest, DigestFunction
 from reexec.errors import FailedPrecondition
+from reexec.metrics import EXECUTION_DURATION, QUEUE_WAIT
 from reexec.sched.matching import PropertyModifier, QueueKey, Rule, matches, worker_properties
 from reexec.sched.queue import PlatformQueues
 from reexec.sched.state import (
@@ -151,6 +152,10 @@ class Scheduler:
         ):
             if isinstance(event, Cancel):
                 self._send_cancel(old)
+        if new.stage is Stage.EXECUTING and old.stage is Stage.QUEUED:
+            QUEUE_WAIT.observe(new.dispatched_at - old.queued_at)
+        if new.done and old.stage is Stage.EXECUTING:
+            EXECUTION_DURATION.observe(new.completed_at - old.dispatched_at)
         if new.retries > old.retries:
             self.stats.retries += 1
         if new.waiters == 0 and not new.done:
@@ -360,6 +365,19 @@ class Scheduler:
                 ),
             )
         worker.running.clear()
+
+    def drain_worker(self, worker_id: str, reason: str = "requested by an operator") -> bool:
+        """Give the worker no new work and ask it to finish, disconnect and exit."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.going_away = True
+        try:
+            worker.outbox.send_nowait(("drain", reason, 0))  # type: ignore[attr-defined]
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        log.info("draining worker", extra={"worker": worker_id, "reason": reason})
+        return True
 
     def worker_going_away(self, worker: WorkerState) -> None:
         worker.going_away = True

@@ -156,6 +156,11 @@ class WorkerService(Service):
         outbox: trio.MemoryReceiveChannel[tuple[str, str, int]],
     ) -> None:
         async for kind, name, attempt in outbox:
+            if kind == "drain":
+                msg = SchedulerMessage()
+                msg.drain.reason = name
+                await aio(stream.send_message, msg)
+                continue
             if kind == "cancel":
                 msg = SchedulerMessage()
                 msg.cancel_execute.operation_name = name

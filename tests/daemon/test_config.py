@@ -173,7 +173,7 @@ def test_examples_decode(tmp_path: Path, name: str) -> None:
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     msg = error_for(tmp_path, 'data_dir = "x"\nbogus = 1\n')
     assert msg == (
-        "top level: unknown key 'bogus'; allowed keys: data_dir, server, log, cas, action_cache, scheduler, worker"
+        "top level: unknown key 'bogus'; allowed keys: data_dir, server, log, cas, action_cache, scheduler, worker, status"
     )
 
 

@@ -6,6 +6,7 @@
 __all__ = (
     "CancelExecute",
     "Declined",
+    "Drain",
     "Finished",
     "GoingAway",
     "Keepalive",
@@ -74,6 +75,19 @@ class Declined(betterproto2.Message):
 
 
 default_message_pool.register_message("reexec.worker.v1", "Declined", Declined)
+
+
+@dataclass(eq=False, repr=False)
+class Drain(betterproto2.Message):
+    """
+    Finish running actions, take no new ones, then disconnect and exit (an operator's
+    `reexecd drain WORKER_ID` on the scheduler host).
+    """
+
+    reason: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("reexec.worker.v1", "Drain", Drain)
 
 
 @dataclass(eq=False, repr=False)
@@ -207,6 +221,10 @@ class SchedulerMessage(betterproto2.Message):
 
     cancel_execute: "CancelExecute | None" = betterproto2.field(
         3, betterproto2.TYPE_MESSAGE, optional=True, group="kind"
+    )
+
+    drain: "Drain | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, optional=True, group="kind"
     )
 
 
