@@ -228,7 +228,7 @@ async def run_daemon(
                     scheduler=scheduler,
                     agent=agent,
                     gate=server.gate,
-                    drain_self=daemon.drain,
+                    drain_self=lambda: nursery.start_soon(daemon.drain),
                 )
                 await start_status_endpoint(nursery, config, daemon.status)
                 if handle_signals:

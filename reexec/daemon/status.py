@@ -51,7 +51,8 @@ class StatusSources:
     scheduler: Any = None  # reexec.sched.scheduler.Scheduler
     agent: Any = None  # reexec.sandbox.agent.WorkerAgent
     gate: RpcGate | None = None
-    drain_self: Callable[[], Awaitable[None]] | None = None
+    # Starts a graceful drain of this daemon (in the daemon's own nursery) and returns at once.
+    drain_self: Callable[[], None] | None = None
     started_at: float = field(default_factory=time.time)
     draining: bool = False
 
@@ -376,7 +377,7 @@ def make_app(sources: StatusSources, *, control: bool) -> Callable[..., Awaitabl
                     return
                 await respond(send, 202, f"draining worker {worker}\n".encode(), "text/plain")
             elif sources.drain_self is not None:
-                trio.lowlevel.spawn_system_task(sources.drain_self)
+                sources.drain_self()
                 await respond(send, 202, b"draining this daemon\n", "text/plain")
             else:
                 await respond(send, 409, b"this daemon cannot drain itself\n", "text/plain")

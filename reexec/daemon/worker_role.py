@@ -132,15 +132,15 @@ async def run_worker(config: Config, config_path: str | None = None) -> None:
         try:
             access = GrpcAccess(cas_channel, config.worker.instance_name)
             agent = await build_worker(config, access, factory, default_worker_id())
-            status = StatusSources(role="worker", agent=agent, drain_self=agent.drain)
+            status = StatusSources(role="worker", agent=agent)
 
             async def drain() -> None:
                 status.draining = True
                 notifier.stopping(f"draining {len(agent.running)} running action(s)")
                 await agent.drain()
 
-            status.drain_self = drain
             async with trio.open_nursery() as nursery:
+                status.drain_self = lambda: nursery.start_soon(drain)
                 from reexec.daemon.app import start_status_endpoint
 
                 await start_status_endpoint(nursery, config, status)
