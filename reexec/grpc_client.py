@@ -23,10 +23,15 @@ def aio(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 @asynccontextmanager
 async def open_stream(
-    channel: Channel, path: str, cardinality: Cardinality, request_type: type, response_type: type
+    channel: Channel,
+    path: str,
+    cardinality: Cardinality,
+    request_type: type,
+    response_type: type,
+    metadata: dict[str, str] | None = None,
 ) -> AsyncIterator[Stream]:
     """A grpclib client stream used from Trio; leaving with an exception resets the stream."""
-    cm = channel.request(path, cardinality, request_type, response_type)
+    cm = channel.request(path, cardinality, request_type, response_type, metadata=metadata)
     stream = await trio_asyncio.aio_as_trio(cm.__aenter__)()
     failure: BaseException | None = None
     try:
@@ -47,10 +52,16 @@ async def unary(
     request: Any,
     response_type: type,
     deadline_s: float | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Any:
     async def run() -> Any:
         async with channel.request(
-            path, Cardinality.UNARY_UNARY, type(request), response_type, timeout=deadline_s
+            path,
+            Cardinality.UNARY_UNARY,
+            type(request),
+            response_type,
+            timeout=deadline_s,
+            metadata=metadata,
         ) as stream:
             await stream.send_message(request, end=True)
             return await stream.recv_message()

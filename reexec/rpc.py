@@ -34,6 +34,8 @@ Handler = grpclib.const.Handler
 Cardinality = grpclib.const.Cardinality
 
 _TYPE_URL_PREFIX = "type.googleapis.com/"
+# Sent by workers on their CAS calls (value: the worker id).
+WORKER_HEADER = "x-reexec-worker"
 
 
 class StatusDetailsCodec(StatusDetailsCodecBase):
@@ -84,8 +86,9 @@ class RpcGate:
         self._idle = trio.Event()
         self._idle.set()
 
-    def enter(self, method: str) -> None:
-        if self.draining:
+    def enter(self, method: str, stream: Stream | None = None) -> None:
+        # Workers finishing their actions still need the CAS while we drain.
+        if self.draining and not (stream is not None and stream.metadata.get(WORKER_HEADER)):
             raise GRPCError(grpclib.const.Status.UNAVAILABLE, "server is shutting down")
         if self.inflight == 0:
             self._idle = trio.Event()
@@ -112,7 +115,7 @@ def guard(gate: RpcGate, name: str, func: Callable[[Stream], Awaitable[None]]):
         return _ungated(name, func)
 
     async def handle(stream: Stream) -> None:
-        gate.enter(name)
+        gate.enter(name, stream)
         started = time.monotonic()
         status = "OK"
         try:

@@ -119,3 +119,36 @@ async def test_killed_worker_action_is_retried_elsewhere(aio_loop, tmp_path, nur
                 assert w2.stop() == 0
         finally:
             channel.close()
+
+
+async def test_scheduler_sigterm_finishes_running_actions_and_refuses_new(
+    aio_loop, tmp_path, nursery
+):
+    from grpclib.const import Status
+    from grpclib.exceptions import GRPCError
+
+    with _scheduler(tmp_path) as sched:
+        w1 = _worker(tmp_path, sched.port, "w1")
+        try:
+            await _wait_for(lambda: "worker connected" in sched.log_text())
+            channel = await open_channel(sched.port)
+            try:
+                slow = await upload_action(channel, ["sh", "-c", "sleep 1.5; echo finished"])
+                other = await upload_action(channel, ["true"])
+                running = ExecuteCall(channel, execute_request(slow))
+                nursery.start_soon(running.run)
+                await _wait_for(lambda: Stage.EXECUTING in running.stages)
+                os.kill(sched.pid, signal.SIGTERM)
+                await _wait_for(lambda: "draining" in sched.log_text())
+                refused = ExecuteCall(channel, execute_request(other))
+                await refused.run()
+                assert isinstance(refused.error, GRPCError)
+                assert refused.error.status is Status.UNAVAILABLE
+                await _wait_for(lambda: running.finished.is_set())
+                assert running.response.status.code == 0
+                assert running.response.result.exit_code == 0
+                assert sched.wait(30) == 0, sched.log_text()
+            finally:
+                channel.close()
+        finally:
+            w1.stop()

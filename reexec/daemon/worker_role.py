@@ -130,8 +130,9 @@ async def run_worker(config: Config, config_path: str | None = None) -> None:
     async with trio_asyncio.open_loop():
         cas_channel = await factory()
         try:
-            access = GrpcAccess(cas_channel, config.worker.instance_name)
-            agent = await build_worker(config, access, factory, default_worker_id())
+            worker_id = config.worker.worker_id or default_worker_id()
+            access = GrpcAccess(cas_channel, config.worker.instance_name, worker_id)
+            agent = await build_worker(config, access, factory, worker_id)
             status = StatusSources(role="worker", agent=agent)
 
             async def drain() -> None:

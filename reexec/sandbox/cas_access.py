@@ -29,6 +29,7 @@ from reexec.cas.store import READ_CHUNK, BlobNotFound, Store
 from reexec.cas.verify import VerifyingStore
 from reexec.errors import Internal, InvalidArgument
 from reexec.grpc_client import aio, open_stream, unary
+from reexec.rpc import WORKER_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,17 @@ class GrpcAccess(CasAccess):
 
     prefers_batches = True
 
-    def __init__(self, channel: Channel, instance: str = "") -> None:
+    def __init__(self, channel: Channel, instance: str = "", worker_id: str = "") -> None:
         self.channel = channel
         self.instance = instance
+        # Marks our calls as a worker's, so a draining scheduler still serves them.
+        self.metadata = {WORKER_HEADER: worker_id} if worker_id else None
 
     async def _unary(
         self, method: str, request: fastpb.Message, response_type: type
     ) -> fastpb.Message:
         path = f"/build.bazel.remote.execution.v2.ContentAddressableStorage/{method}"
-        return await unary(self.channel, path, request, response_type)
+        return await unary(self.channel, path, request, response_type, metadata=self.metadata)
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         if not digests:
@@ -203,6 +206,7 @@ class GrpcAccess(CasAccess):
                 Cardinality.UNARY_STREAM,
                 fastpb.ReadRequest,
                 fastpb.ReadResponse,
+                metadata=self.metadata,
             ) as stream:
                 await aio(stream.send_message, fastpb.ReadRequest(resource_name=name), end=True)
                 while (resp := await aio(stream.recv_message)) is not None:
@@ -254,6 +258,7 @@ class GrpcAccess(CasAccess):
                 Cardinality.STREAM_UNARY,
                 fastpb.WriteRequest,
                 fastpb.WriteResponse,
+                metadata=self.metadata,
             ) as stream:
                 offset = 0
                 while True:
