@@ -82,8 +82,7 @@ class Notifier:
         except OSError as e:
             if not self._warned:
                 self._warned = True
-                log.warning("cannot notify systemd at %r: %s (further failures not logged)",
-                            self.address, e)  # fmt: skip
+                log.warning("cannot notify systemd at %r: %s (not logged again)", self.address, e)
             return False
         return True
 
