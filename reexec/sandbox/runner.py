@@ -446,7 +446,10 @@ def _sandbox_command(request: RunRequest, user: _User | None) -> list[str]:
 
     assignments = [f"{k}={v}" for k, v in request.env.items()]
     if "=" in request.argv[0]:
-        cmd += [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(len(assignments))]
+        # The real interpreter, not a venv's symlink: a venv under /tmp is hidden by private_tmp,
+        # and -I -S need nothing from the venv.
+        python = os.path.realpath(sys.executable)
+        cmd += [python, "-I", "-S", "-c", _EXEC_SHIM, str(len(assignments))]
         cmd += [*assignments, *request.argv]
     else:
         cmd += [env_tool, "-i", "--", *assignments, *request.argv]
