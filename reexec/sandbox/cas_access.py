@@ -130,7 +130,9 @@ class LocalStoreAccess(CasAccess):
             source = blobs[digest]
             if isinstance(source, bytes):
                 await self.store.put_bytes(digest, source)
-            elif self.fs is not None and self.fs is self.store:
+            elif self.fs is not None:
+                # The worker hashed this file itself: the bottom filesystem store takes it by
+                # hardlink, without the copy and re-hash a VerifyingStore in front would do.
                 await self.fs.link_in(digest, source)
             else:
                 writer = await self.store.open_write(digest)

@@ -25,6 +25,8 @@ from reexec.errors import InvalidArgument
 from reexec.sandbox.cas_access import CasAccess
 from reexec.sandbox.local_cas import Entry, LocalCas, MissingInputs
 
+MAX_TREE_ENTRIES = 2_000_000
+
 
 class InvalidInputTree(InvalidArgument):
     pass
@@ -140,11 +142,17 @@ def plan_tree(
     """Validate the tree and list what to create. Raises InvalidInputTree."""
     tree = InputTree()
     stack: list[tuple[str, Digest, int]] = [("", root, 0)]
+    entries = 0
     while stack:
         prefix, digest, depth = stack.pop()
         if depth > 256:
             raise InvalidInputTree(f"input tree is deeper than 256 levels at {prefix!r}")
         directory = directories[digest]
+        # Shared subtrees expand at every place they appear; bound the total so one small
+        # request cannot make the worker build an exponentially large tree.
+        entries += len(directory.files) + len(directory.directories) + len(directory.symlinks)
+        if entries > MAX_TREE_ENTRIES:
+            raise InvalidInputTree(f"the input tree has more than {MAX_TREE_ENTRIES:,} entries")
         where = f"directory {prefix or '(input root)'!r}"
         seen: set[str] = set()
         for kind in (directory.files, directory.directories, directory.symlinks):
