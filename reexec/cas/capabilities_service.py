@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from reexec import fastpb
 from reexec.cas.digest import SUPPORTED_FUNCTIONS, DigestFunction
 from reexec.gen.build.bazel import semver
 from reexec.gen.build.bazel.remote.execution import v2 as re
-from reexec.rpc import Service, Stream, check_instance, unary
+from reexec.rpc import Cardinality, Service, Stream, check_instance
 
 # Bazel 4.2.3 only speaks 2.0 and refuses a server whose low version is above it.
 LOW_API_VERSION = semver.SemVer(major=2, minor=0)
@@ -66,11 +67,17 @@ class CapabilitiesService(Service):
             low_api_version=LOW_API_VERSION,
             high_api_version=HIGH_API_VERSION,
         )
+        self._encoded = fastpb.message_class(
+            "build.bazel.remote.execution.v2.ServerCapabilities"
+        ).FromString(bytes(self.capabilities))
 
     def rpcs(self):  # type: ignore[no-untyped-def]
         return {
-            "GetCapabilities": unary(
-                self.get_capabilities, re.GetCapabilitiesRequest, re.ServerCapabilities
+            "GetCapabilities": (
+                self._get_capabilities_aio,
+                Cardinality.UNARY_UNARY,
+                fastpb.message_class("build.bazel.remote.execution.v2.GetCapabilitiesRequest"),
+                fastpb.message_class("build.bazel.remote.execution.v2.ServerCapabilities"),
             )
         }
 
@@ -79,3 +86,10 @@ class CapabilitiesService(Service):
     ) -> re.ServerCapabilities:
         check_instance(self.instances, request.instance_name)
         return self.capabilities
+
+    async def _get_capabilities_aio(self, stream: Stream) -> None:
+        # Answered on grpclib's side with a message encoded once: no Trio crossing and no
+        # per-call betterproto2 encoding (together half of this RPC's cost).
+        request = await stream.recv_message()
+        check_instance(self.instances, request.instance_name)
+        await stream.send_message(self._encoded)

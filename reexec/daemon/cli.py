@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_format:
         config.log.format = args.log_format
     setup_logging(config.log.level, config.log.format)
+    from reexec.daemon import tuning
+
+    tuning.apply()
     from functools import partial
 
     from reexec.daemon.app import run_daemon
