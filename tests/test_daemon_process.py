@@ -216,3 +216,28 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         )  # fmt: skip
         assert proc.returncode == 1
         assert "address already in use" in proc.stderr.lower()
+
+
+def test_json_log_format(tmp_path):
+    import json
+
+    with ReexecdProcess(
+        tmp_path / "data",
+        args=None,
+        log_dir=tmp_path / "log",
+    ) as plain:
+        port = plain.port
+    daemon = ReexecdProcess(
+        tmp_path / "data2",
+        args=[
+            "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data2"),
+            "--log-format", "json",
+        ],
+        port=port,
+        log_dir=tmp_path / "log2",
+    )  # fmt: skip
+    with daemon:
+        assert daemon.stop() == 0
+    records = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]
+    assert any(r["msg"] == "reexecd ready" and "pid" in r for r in records)
+    assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)

@@ -80,6 +80,13 @@ async def test_burst_status_metrics_and_drain(aio_loop, tmp_path: Path, nursery)
                     'reexec_rpc_duration_seconds_count{method="/build.bazel.remote.execution.v2.Execution/Execute",code="OK"} 24'
                     in body
                 )
+                # One log line per lifecycle event, with operation, action, worker and durations.
+                log = sched.log_text()
+                assert log.count("operation queued") == 24
+                assert log.count("operation dispatched") == 24
+                completed = [line for line in log.splitlines() if "operation completed" in line]
+                assert len(completed) == 24
+                assert all("worker=w" in line and "executing_s=" in line for line in completed)
                 # Exactly once: 24 dispatches, no retries.
                 assert "reexec_actions_dispatched_total 24" in body
                 assert "reexec_action_retries_total 0" in body

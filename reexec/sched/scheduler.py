@@ -152,8 +152,34 @@ class Scheduler:
         ):
             if isinstance(event, Cancel):
                 self._send_cancel(old)
+        action = f"{new.action_key[1]}/{new.action_key[2]}"
+        if new.stage is Stage.QUEUED and old.stage is not Stage.QUEUED:
+            log.info(
+                "operation queued" if old.stage is Stage.CACHE_CHECK else "operation requeued",
+                extra={
+                    "operation": name,
+                    "action": action,
+                    "priority": new.priority,
+                    "queue": ",".join(f"{k}={v}" for k, v in new.queue_key) or "default",
+                    **(
+                        {"reason": new.history[-1]}
+                        if new.history and old.stage is Stage.EXECUTING
+                        else {}
+                    ),
+                },
+            )
         if new.stage is Stage.EXECUTING and old.stage is Stage.QUEUED:
             QUEUE_WAIT.observe(new.dispatched_at - old.queued_at)
+            log.info(
+                "operation dispatched",
+                extra={
+                    "operation": name,
+                    "action": action,
+                    "worker": new.worker_id,
+                    "attempt": new.attempt,
+                    "queued_s": round(new.dispatched_at - old.queued_at, 3),
+                },
+            )
         if new.done and old.stage is Stage.EXECUTING:
             EXECUTION_DURATION.observe(new.completed_at - old.dispatched_at)
         if new.retries > old.retries:
@@ -172,11 +198,16 @@ class Scheduler:
                 "operation completed",
                 extra={
                     "operation": name,
-                    "action": f"{new.action_key[1]}/{new.action_key[2]}",
+                    "action": action,
                     "status": label,
                     "worker": old.worker_id or "-",
                     "attempts": new.attempt,
                     "seconds": round(new.completed_at - new.created_at, 3),
+                    **(
+                        {"executing_s": round(new.completed_at - old.dispatched_at, 3)}
+                        if old.stage is Stage.EXECUTING
+                        else {}
+                    ),
                 },
             )
 
