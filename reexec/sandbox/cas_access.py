@@ -53,6 +53,10 @@ class CasAccess(abc.ABC):
     async def fetch_to(self, digest: Digest, path: Path) -> None:
         """Create `path` (a new file) holding the blob, verified against its digest."""
 
+    async def local_sources(self, digests: Sequence[Digest]) -> dict[Digest, str]:
+        """Files on this file system holding some of the blobs, to hardlink from (default none)."""
+        return {}
+
     @abc.abstractmethod
     async def upload(self, blobs: dict[Digest, Path | bytes]) -> None:
         """Make sure the CAS holds every blob (content from a file or bytes)."""
@@ -90,6 +94,14 @@ class LocalStoreAccess(CasAccess):
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         return await self.store.find_missing(digests)
+
+    async def local_sources(self, digests: Sequence[Digest]) -> dict[Digest, str]:
+        if self.fs is None:
+            return {}
+        absent = set(await self.fs.find_missing(digests))
+        present = [d for d in digests if d not in absent]
+        self.links += len(present)
+        return {d: str(self.fs.blob_path(d)) for d in present}
 
     async def read_small(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         return {d: await self.store.get_bytes(d) for d in digests}

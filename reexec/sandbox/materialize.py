@@ -203,7 +203,7 @@ def materialize_sync(tree: InputTree, dest: Path, cache: LocalCas) -> Materializ
     link = os.link
     for d in tree.dirs:
         mkdir(base + d)
-    cache_path = cache.path
+    cache_path = cache.path_str
     for rel, entry in tree.files:
         src = cache_path(entry)
         try:

@@ -328,6 +328,10 @@ async def test_cas_failure_is_retryable(env: Env, monkeypatch: pytest.MonkeyPatc
     async def broken_fetch(digest: Digest, path: Path) -> None:
         raise Internal("disk on fire")
 
+    async def no_local(digests: list[Digest]) -> dict[Digest, str]:
+        return {}  # force the fetch path, which fails
+
+    monkeypatch.setattr(env.access, "local_sources", no_local)
     monkeypatch.setattr(env.access, "fetch_to", broken_fetch)
     f = await env.run(await env.start(await env.tree()))
     assert f.status.code == Status.INTERNAL.value and f.retryable
@@ -339,6 +343,10 @@ async def test_unexpected_error_is_retryable(env: Env, monkeypatch: pytest.Monke
     async def broken_fetch(digest: Digest, path: Path) -> None:
         raise RuntimeError("surprise")
 
+    async def no_local(digests: list[Digest]) -> dict[Digest, str]:
+        return {}  # force the fetch path, which fails
+
+    monkeypatch.setattr(env.access, "local_sources", no_local)
     monkeypatch.setattr(env.access, "fetch_to", broken_fetch)
     f = await env.run(await env.start(await env.tree()))
     assert f.status.code == Status.INTERNAL.value and f.retryable
