@@ -156,8 +156,9 @@ class LocalCas:
                     nursery.start_soon(self._fetch_small, small, missing)
                 if linkable:
                     nursery.start_soon(self._fetch_local, linkable, local, missing)
+                batched = set(small) | set(linkable)
                 for e in wanted:
-                    if e not in small and e not in linkable:
+                    if e not in batched:
                         nursery.start_soon(self._fetch_one, e, missing)
         except ExceptionGroup as group:
             # Callers handle ReexecError / OSError: report the first failure, not a group.
@@ -168,8 +169,9 @@ class LocalCas:
 
     async def _fetch_small(self, entries: list[Entry], missing: list[Digest]) -> None:
         mine = [e for e in entries if e not in self._inflight and not self._lru.touch(e)]
+        mine_set = set(mine)
         # Entries another call started fetching meanwhile: wait for those (or fetch them).
-        others = [e for e in entries if e not in mine]
+        others = [e for e in entries if e not in mine_set]
         events = {e: trio.Event() for e in mine}
         self._inflight.update(events)
         try:
@@ -200,7 +202,8 @@ class LocalCas:
     ) -> None:
         """Hardlink blobs from a store on this file system, all in one worker thread."""
         mine = [e for e in entries if e not in self._inflight and not self._lru.touch(e)]
-        others = [e for e in entries if e not in mine]
+        mine_set = set(mine)
+        others = [e for e in entries if e not in mine_set]
         events = {e: trio.Event() for e in mine}
         self._inflight.update(events)
         try:
