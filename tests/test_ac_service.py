@@ -108,6 +108,35 @@ async def test_completeness_check_hides_entries_whose_blobs_were_evicted(daemon,
     assert e.value.status is Status.NOT_FOUND
 
 
+async def test_repeated_hits_skip_the_check_until_a_referenced_blob_is_evicted(daemon, ac, cas):
+    await upload(cas, b"output", b"out")
+    result = result_with(b"output", b"out")
+    await call(
+        ac.update_action_result,
+        re.UpdateActionResultRequest(action_digest=ACTION, action_result=result),
+    )
+    request = re.GetActionResultRequest(action_digest=ACTION)
+    first = await call(ac.get_action_result, request)
+    assert daemon.ac.skipped == 0
+    again = await call(ac.get_action_result, request)
+    assert daemon.ac.skipped == 1  # the check was skipped; same answer
+    assert bytes(again) == bytes(first) == bytes(result)
+    # A real LRU eviction of the output (the budget is shrunk so the next upload evicts it).
+    from reexec.cas.digest import Digest
+
+    fs = daemon.cas.inner
+    gone = Digest(sha(b"output").hash, 6)
+    kept = Digest(sha(b"out").hash, 3)
+    await fs.find_missing([kept])  # `gone` is now the least recently used
+    fs._lru.max_bytes = fs._lru.total_bytes
+    await upload(cas, b"filler")
+    assert fs.stats()["evictions"] == 1 and not fs.blob_path(gone).exists()
+    with pytest.raises(GRPCError) as e:
+        await call(ac.get_action_result, request)
+    assert e.value.status is Status.NOT_FOUND
+    assert daemon.ac.skipped == 1
+
+
 async def test_inline_hints(ac, cas):
     await upload(cas, b"output", b"stdout text")
     await call(

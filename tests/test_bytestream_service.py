@@ -227,3 +227,105 @@ async def test_unsupported_compressor(stub):
         await read_all(stub, f"compressed-blobs/deflate/{digest_path(b'x')}")
     assert e.value.status is Status.INVALID_ARGUMENT
     assert "deflate" in e.value.message
+
+
+def bytestream_service(daemon):
+    from reexec.cas.bytestream_service import ByteStreamService
+
+    return next(s for s in daemon.services if isinstance(s, ByteStreamService))
+
+
+def spy(monkeypatch, obj, name: str) -> list[tuple]:
+    calls: list[tuple] = []
+    real = getattr(obj, name)
+
+    def wrapper(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return calls
+
+
+async def test_write_messages_cross_into_trio_in_batches(daemon, stub, monkeypatch):
+    from reexec.cas import bytestream_service as bss
+
+    batches = spy(monkeypatch, bss, "recv_batch")
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    name = upload_name(data)
+    resp = await call(stub.write, chunks(name, data, size=16 * 1024))
+    assert resp.committed_size == len(data)
+    # The first message alone, then ~1 MiB per crossing instead of one per 16 KiB message.
+    assert len(batches) == 1 + 3
+    assert await read_all(stub, f"blobs/{digest_path(data)}") == data
+
+
+async def test_bad_offset_inside_a_batch_keeps_the_valid_prefix(daemon, stub):
+    data = os.urandom(10_000)
+    name = upload_name(data)
+    reqs = chunks(name, data)
+    reqs[4].write_offset += 1  # all ten messages arrive in one batch
+    with pytest.raises(GRPCError) as e:
+        await call(stub.write, reqs)
+    assert e.value.status is Status.INVALID_ARGUMENT
+    assert e.value.message == (
+        f"write_offset {reqs[4].write_offset} does not match the 4000 bytes committed for {name}"
+    )
+    # As with one message at a time: the four good messages were kept, the upload resumes.
+    status = await call(stub.query_write_status, bs.QueryWriteStatusRequest(resource_name=name))
+    assert status.committed_size == 4000 and not status.complete
+    rest = chunks(name, data[4000:], start=4000)
+    rest[0].resource_name = name
+    assert (await call(stub.write, rest)).committed_size == len(data)
+    assert await read_all(stub, f"blobs/{digest_path(data)}") == data
+    # A stream that ends without finish_write: same message, with the bytes kept.
+    data2 = os.urandom(3000)
+    name2 = upload_name(data2)
+    with pytest.raises(GRPCError) as e:
+        await call(stub.write, chunks(name2, data2, finish=False))
+    assert e.value.message == f"Write stream for {name2} ended without finish_write at 3000 bytes"
+
+
+async def test_one_message_write_goes_through_put_bytes(daemon, stub, monkeypatch):
+    service = bytestream_service(daemon)
+    puts = spy(monkeypatch, service.cas, "put_bytes")
+    opens = spy(monkeypatch, service.cas, "open_write")
+    data = os.urandom(4096)
+    name = upload_name(data)
+    resp = await call(stub.write, chunks(name, data, size=len(data)))
+    assert resp.committed_size == len(data)
+    assert len(puts) == 1 and opens == [] and service.uploads.uploads == {}
+    assert await read_all(stub, f"blobs/{digest_path(data)}") == data
+    # Same statuses as the streaming path: a wrong hash is refused and nothing is stored.
+    bad = f"uploads/{uuid.uuid4()}/blobs/{hashlib.sha256(b'other').hexdigest()}/{len(data)}"
+    with pytest.raises(GRPCError) as e:
+        await call(stub.write, chunks(bad, data, size=len(data)))
+    assert e.value.status is Status.INVALID_ARGUMENT and "hash mismatch" in e.value.message
+    # Several messages, or a compressed one, take the streaming path.
+    data2 = os.urandom(4096)
+    await call(stub.write, chunks(upload_name(data2), data2, size=1024))
+    compressed = zstandard.ZstdCompressor().compress(data2 + b"z")
+    await call(stub.write, chunks(upload_name(data2 + b"z", compressed=True), compressed, 10**6))
+    assert len(puts) == 2 and len(opens) == 2
+
+
+async def test_small_read_is_one_get_bytes_and_one_response(daemon, stub, monkeypatch):
+    service = bytestream_service(daemon)
+    data = os.urandom(5000)
+    await call(stub.write, chunks(upload_name(data), data))
+    gets = spy(monkeypatch, service.cas, "get_bytes")
+    opens = spy(monkeypatch, service.cas, "open_read")
+    name = f"blobs/{digest_path(data)}"
+    parts = await collect(stub.read, bs.ReadRequest(resource_name=name))
+    assert [p.data for p in parts] == [data]
+    assert len(gets) == 1 and opens == []
+    # With an offset or limit, or past one chunk, the streaming path, with the same bytes.
+    assert await read_all(stub, name, offset=10, limit=100) == data[10:110]
+    monkeypatch.setattr(service, "read_chunk", 2000)
+    parts = await collect(stub.read, bs.ReadRequest(resource_name=name))
+    assert [len(p.data) for p in parts] == [2000, 2000, 1000]
+    assert b"".join(p.data for p in parts) == data
+    assert len(gets) == 1 and len(opens) == 2
+    with pytest.raises(GRPCError) as e:
+        await read_all(stub, f"blobs/{digest_path(b'not there')}")
+    assert e.value.status is Status.NOT_FOUND

@@ -22,6 +22,10 @@ from reexec.cas.lru import LruIndex
 
 log = logging.getLogger(__name__)
 
+# Entries up to this size (nearly all: an ActionResult is ~1 KiB) are read on the event loop;
+# a trio.to_thread hop costs far more than the read.
+INLINE_READ_LIMIT = 64 * 1024
+
 
 class ActionKey(NamedTuple):
     instance: str
@@ -119,7 +123,11 @@ class FilesystemActionCache(ActionCache):
         rel = self._rel_path(key)
         if not self._lru.touch(rel):
             return None
-        data = await trio.to_thread.run_sync(self._read, rel)
+        size = self._lru.size_of(rel)
+        if size is not None and size <= INLINE_READ_LIMIT:
+            data = self._read(rel)
+        else:
+            data = await trio.to_thread.run_sync(self._read, rel)
         if data is None:
             self._lru.remove(rel)
         return data

@@ -75,13 +75,59 @@ async def missing_references(
     return list(dict.fromkeys(missing))
 
 
+def removal_generation(cas: Store) -> tuple[int, int] | None:
+    """A value that changes whenever a blob leaves `cas`, or None if the store cannot tell.
+
+    Only stores that count every removal (evictions, and blobs "forgotten" otherwise) qualify.
+    """
+    stats = cas.stats()
+    evictions = stats.get("evictions")
+    forgotten = stats.get("forgotten")
+    if evictions is None or forgotten is None:
+        return None
+    return evictions, forgotten
+
+
 class CompletenessCheckingActionCache(ActionCache):
+    # Bound on remembered keys; past it the memory is simply dropped (next hits re-check).
+    MAX_VERIFIED = 100_000
+
     def __init__(self, inner: ActionCache, cas: Store) -> None:
         self.inner = inner
         self.cas = cas
         self.incomplete = 0
+        self.skipped = 0
+        # Keys whose entry was complete when last checked, all checked under `_generation`:
+        # while no blob has left the CAS since, they still are, and the check is skipped.
+        self._verified: set[ActionKey] = set()
+        self._generation: tuple[int, int] | None = None
+        self._puts = 0
 
     async def get(self, key: ActionKey) -> bytes | None:
+        generation = removal_generation(self.cas)
+        if generation is None or generation != self._generation:
+            self._verified.clear()
+            self._generation = generation
+        elif key in self._verified:
+            data = await self.inner.get(key)
+            if data is not None:
+                self.skipped += 1
+            return data
+        puts = self._puts
+        data = await self._get_checked(key)
+        # Remember only if no blob left and no entry was replaced while checking.
+        if (
+            data is not None
+            and generation is not None
+            and generation == self._generation == removal_generation(self.cas)
+            and puts == self._puts
+        ):
+            if len(self._verified) >= self.MAX_VERIFIED:
+                self._verified.clear()
+            self._verified.add(key)
+        return data
+
+    async def _get_checked(self, key: ActionKey) -> bytes | None:
         data = await self.inner.get(key)
         if data is None:
             return None
@@ -103,7 +149,14 @@ class CompletenessCheckingActionCache(ActionCache):
         return data
 
     async def put(self, key: ActionKey, result: bytes) -> None:
-        await self.inner.put(key, result)
+        # Before and after: a check overlapping any part of the put is not remembered.
+        self._verified.discard(key)
+        self._puts += 1
+        try:
+            await self.inner.put(key, result)
+        finally:
+            self._verified.discard(key)
+            self._puts += 1
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -34,6 +34,9 @@ class LruIndex(Generic[K]):
             return True
         return False
 
+    def size_of(self, key: K) -> int | None:
+        return self._sizes.get(key)
+
     def add(self, key: K, size: int) -> bool:
         """Record `key` as most recently used. Returns False if it was already present."""
         if key in self._sizes:

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from reexec import fastpb
 from reexec.cas.action_cache import (
@@ -21,7 +22,9 @@ from reexec.cas.completeness import (
     missing_references,
 )
 from reexec.cas.digest import Digest, DigestFunction, digest_of, empty_digest
+from reexec.cas.filesystem import FilesystemStore
 from reexec.cas.memory import MemoryStore
+from reexec.cas.store import BlobNotFound
 from reexec.errors import InvalidArgument
 
 
@@ -289,3 +292,102 @@ async def test_action_result_digests_use_the_action_digest_function() -> None:
     k = key("", 1, DigestFunction.BLAKE3)
     await ac.put(k, data)
     assert await ac.get(k) is None
+
+
+# -- completeness: skipping the check while the CAS has lost nothing -----------------------
+
+
+async def fs_blobs(tmp_path: Path, max_bytes: int = 0) -> tuple[Blobs, FilesystemStore]:
+    blobs = Blobs()
+    blobs.cas = FilesystemStore(tmp_path / "cas", max_bytes)  # type: ignore[assignment]
+    await blobs.cas.start()
+    return blobs, blobs.cas  # type: ignore[return-value]
+
+
+async def test_check_skipped_while_cas_unchanged_and_redone_after_a_put(tmp_path: Path) -> None:
+    blobs, fs = await fs_blobs(tmp_path)
+    data, _ = build_result(blobs)
+    await blobs.store()
+    ac = CompletenessCheckingActionCache(MemoryActionCache(0), fs)
+    k = key("", 1)
+    await ac.put(k, data)
+    assert await ac.get(k) == data and ac.skipped == 0  # checked
+    assert await ac.get(k) == data and ac.skipped == 1  # same bytes, check skipped
+    assert await ac.get(k) == data and ac.skipped == 2
+    # A put invalidates: the new entry (naming a blob the CAS lacks) is checked and hidden.
+    other = fastpb.ActionResult(
+        output_files=[fastpb.OutputFile(path="x", digest=wire(digest_of(b"never stored")))]
+    )
+    await ac.put(k, other.SerializeToString())
+    assert await ac.get(k) is None
+    assert ac.skipped == 2 and ac.stats()["incomplete"] == 1
+
+
+@pytest.mark.parametrize("how", ["evicted", "vanished", "discarded"])
+async def test_any_blob_removal_the_store_knows_of_forces_a_recheck(
+    tmp_path: Path, how: str
+) -> None:
+    blobs, fs = await fs_blobs(tmp_path)
+    data, named = build_result(blobs)
+    await blobs.store()
+    ac = CompletenessCheckingActionCache(MemoryActionCache(0), fs)
+    k = key("", 1)
+    await ac.put(k, data)
+    assert await ac.get(k) == data
+    assert await ac.get(k) == data and ac.skipped == 1
+    gone = named["out1"]
+    if how == "evicted":
+        # Shrink the budget so the next insertion evicts the least recently used blobs.
+        await fs.find_missing([d for d in blobs.data if d != gone])
+        fs._lru.max_bytes = fs._lru.total_bytes
+        filler = b"x" * gone.size
+        await fs.put_bytes(digest_of(filler), filler)
+        assert fs.stats()["evictions"] >= 1
+    elif how == "vanished":
+        fs.blob_path(gone).unlink()
+        with pytest.raises(BlobNotFound):
+            await fs.get_bytes(gone)
+        assert fs.stats()["forgotten"] == 1
+    else:
+        st = fs.blob_path(gone).stat()
+        assert await fs.discard_if_same_file(gone, st.st_dev, st.st_ino)
+        assert fs.stats()["forgotten"] == 1
+    assert await fs.find_missing([gone]) == [gone]
+    assert await ac.get(k) is None
+    assert ac.skipped == 1 and ac.stats()["incomplete"] == 1
+
+
+async def test_stores_without_removal_counters_are_always_checked() -> None:
+    blobs = Blobs()  # MemoryStore: reports evictions but no "forgotten" count
+    data, _ = build_result(blobs)
+    await blobs.store()
+    ac = CompletenessCheckingActionCache(MemoryActionCache(0), blobs.cas)
+    await ac.put(key("", 1), data)
+    for _ in range(3):
+        assert await ac.get(key("", 1)) == data
+    assert ac.skipped == 0
+
+
+async def test_filesystem_ac_reads_small_entries_inline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ac = await new_fs_ac(tmp_path / "ac")
+    small, big = result_bytes(1, 1000), result_bytes(2, 100_000)
+    await ac.put(key("", 1), small)
+    await ac.put(key("", 2), big)
+    hops: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kw):  # type: ignore[no-untyped-def]
+        hops.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    assert await ac.get(key("", 1)) == small
+    assert hops == []
+    assert await ac.get(key("", 2)) == big
+    assert len(hops) == 1
+    # A vanished small entry is still a miss, and forgotten.
+    os.unlink(tmp_path / "ac" / ac._rel_path(key("", 1)))
+    assert await ac.get(key("", 1)) is None
+    assert ac.stats()["entries"] == 1

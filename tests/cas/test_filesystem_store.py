@@ -175,7 +175,13 @@ async def test_eviction_in_lru_order_removes_files(tmp_path: Path) -> None:
     assert await store.find_missing(ds) == [ds[1]]
     assert not store.blob_path(ds[1]).exists()
     assert files_under(tmp_path / "blobs") == sorted(store.blob_path(d) for d in ds if d != ds[1])
-    assert store.stats() == {"blobs": 3, "bytes": 300, "max_bytes": 300, "evictions": 1}
+    assert store.stats() == {
+        "blobs": 3,
+        "bytes": 300,
+        "max_bytes": 300,
+        "evictions": 1,
+        "forgotten": 0,
+    }
 
 
 async def test_blob_being_read_is_not_evicted(tmp_path: Path) -> None:
@@ -286,3 +292,39 @@ async def test_commit_cancelled_while_waiting_for_the_lock_can_still_abort(
     assert list((tmp_path / "tmp").iterdir()) == []
     assert not await store.has(d)
     assert not store.blob_path(d).exists()
+
+
+async def test_small_blobs_are_read_and_written_without_a_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store(tmp_path)
+    hops: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kw):  # type: ignore[no-untyped-def]
+        hops.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    small, large = blob(64 * 1024, 1), blob(64 * 1024 + 1, 2)
+    ds, dl = digest_of(small), digest_of(large)
+    await store.put_bytes(ds, small)
+    assert await store.get_bytes(ds) == small
+    assert hops == []
+    await store.put_bytes(dl, large)
+    assert await store.get_bytes(dl) == large
+    assert len(hops) == 2
+    # Same files, same modes, same index as the threaded path.
+    for d, data in ((ds, small), (dl, large)):
+        path = store.blob_path(d)
+        assert path.read_bytes() == data
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert store.stats()["blobs"] == 2
+    # A small blob whose file vanished: BlobNotFound, forgotten (and counted) inline.
+    store.blob_path(ds).unlink()
+    with pytest.raises(BlobNotFound):
+        await store.get_bytes(ds)
+    assert await store.find_missing([ds]) == [ds]
+    assert store.stats()["forgotten"] == 1
+    assert len(hops) == 2
