@@ -221,23 +221,48 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 def test_json_log_format(tmp_path):
     import json
 
-    with ReexecdProcess(
-        tmp_path / "data",
-        args=None,
-        log_dir=tmp_path / "log",
-    ) as plain:
-        port = plain.port
+    from tests.e2e.harness import free_port
+
+    port = free_port()
     daemon = ReexecdProcess(
-        tmp_path / "data2",
+        tmp_path / "data",
         args=[
-            "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data2"),
+            "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
             "--log-format", "json",
         ],
         port=port,
-        log_dir=tmp_path / "log2",
+        log_dir=tmp_path / "log",
     )  # fmt: skip
     with daemon:
-        assert daemon.stop() == 0
+        assert daemon.stop() == 0, daemon.log_text()
     records = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]
     assert any(r["msg"] == "reexecd ready" and "pid" in r for r in records)
     assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
+
+
+def test_sigterm_during_start_up_is_a_clean_drain(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.e2e.harness import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reexec.daemon", "serve", "--listen", f"127.0.0.1:{port}",
+         "--data-dir", str(tmp_path / "data")],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    # As soon as the port is bound (possibly before the daemon says it is ready).
+    import socket
+
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.05).close()
+            break
+        except OSError:
+            time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, proc.stderr.read()

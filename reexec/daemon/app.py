@@ -203,6 +203,12 @@ async def run_daemon(
         agent: WorkerAgent | None = None
         try:
             async with trio.open_nursery() as nursery:
+                # Signals are caught from before the port is bound: a SIGTERM that arrives while
+                # we start is a drain once we are up, never the default (fatal) action.
+                started: trio.Event = trio.Event()
+                handle: dict[str, Daemon] = {}
+                if handle_signals:
+                    await nursery.start(_watch_signals, handle, started, config_path)
                 if scheduler is not None:
                     await nursery.start(scheduler.run)
                 await server.start()
@@ -231,8 +237,8 @@ async def run_daemon(
                     drain_self=lambda: nursery.start_soon(daemon.drain),
                 )
                 await start_status_endpoint(nursery, config, daemon.status)
-                if handle_signals:
-                    nursery.start_soon(_watch_signals, daemon, config_path)
+                handle["daemon"] = daemon
+                started.set()
                 nursery.start_soon(daemon.notifier.run_watchdog)
                 log.info("reexecd ready", extra={"pid": os.getpid(), "data_dir": config.data_dir})
                 daemon.notifier.ready(
@@ -283,15 +289,24 @@ async def start_status_endpoint(
         )
 
 
-async def _watch_signals(daemon: Daemon, config_path: str | None) -> None:
+async def _watch_signals(
+    handle: dict[str, Daemon],
+    started: trio.Event,
+    config_path: str | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
-                reload_config(daemon, config_path)
+                if started.is_set():
+                    reload_config(handle["daemon"], config_path)
                 continue
             log.info("received %s: draining", signal.Signals(signum).name)
             break
-    await daemon.drain()
+    await started.wait()
+    await handle["daemon"].drain()
 
 
 def reload_config(daemon: Daemon, config_path: str | None) -> None:
