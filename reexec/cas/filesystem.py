@@ -60,6 +60,7 @@ class FilesystemStore(Store):
     ) -> None:
         self.root = Path(root)
         self._blobs_dir = self.root / "blobs"
+        self._blobs_str = str(self._blobs_dir)
         self._tmp_dir = self.root / "tmp"
         self._fsync = fsync
         self._lru: LruIndex[Digest] = LruIndex(max_bytes)
@@ -129,12 +130,12 @@ class FilesystemStore(Store):
 
     def blob_path(self, digest: Digest) -> Path:
         """Where a committed blob lives (for hardlinking by a co-located worker)."""
-        return (
-            self._blobs_dir
-            / digest.function.name.lower()
-            / digest.hash[:2]
-            / f"{digest.hash}-{digest.size}"
-        )
+        return Path(self.blob_path_str(digest))
+
+    def blob_path_str(self, digest: Digest) -> str:
+        # Formatted, not joined with pathlib: workers ask for thousands of these per action.
+        d = digest
+        return f"{self._blobs_str}/{d.function.name.lower()}/{d.hash[:2]}/{d.hash}-{d.size}"
 
     # -- Store ------------------------------------------------------------------------------
 

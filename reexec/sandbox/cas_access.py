@@ -101,11 +101,7 @@ class LocalStoreAccess(CasAccess):
         absent = set(await self.fs.find_missing(digests))
         present = [d for d in digests if d not in absent]
         self.links += len(present)
-        root = str(self.fs.root / "blobs")
-        # Formatted like FilesystemStore.blob_path, without pathlib's cost per blob.
-        return {
-            d: f"{root}/{d.function.name.lower()}/{d.hash[:2]}/{d.hash}-{d.size}" for d in present
-        }
+        return {d: self.fs.blob_path_str(d) for d in present}
 
     async def read_small(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         return {d: await self.store.get_bytes(d) for d in digests}
