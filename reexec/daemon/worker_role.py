@@ -121,6 +121,7 @@ async def run_worker(config: Config, config_path: str | None = None) -> None:
 
     import trio
 
+    from reexec.daemon.app import start_status_endpoint
     from reexec.daemon.sdnotify import Notifier
     from reexec.daemon.status import StatusSources
     from reexec.sandbox.cas_access import GrpcAccess
@@ -130,40 +131,39 @@ async def run_worker(config: Config, config_path: str | None = None) -> None:
     async with trio_asyncio.open_loop():
         cas_channel = await factory()
         try:
-            worker_id = config.worker.worker_id or default_worker_id()
-            access = GrpcAccess(cas_channel, config.worker.instance_name, worker_id)
-            agent = await build_worker(config, access, factory, worker_id)
-            status = StatusSources(role="worker", agent=agent)
+            # Signals are caught before anything else, so one that arrives while the worker
+            # starts becomes a drain once it is up, never the default (fatal) action.
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                worker_id = config.worker.worker_id or default_worker_id()
+                access = GrpcAccess(cas_channel, config.worker.instance_name, worker_id)
+                agent = await build_worker(config, access, factory, worker_id)
+                status = StatusSources(role="worker", agent=agent)
 
-            async def drain() -> None:
-                status.draining = True
-                notifier.stopping(f"draining {len(agent.running)} running action(s)")
-                await agent.drain()
-
-            async with trio.open_nursery() as nursery:
-                status.drain_self = lambda: nursery.start_soon(drain)
-                from reexec.daemon.app import start_status_endpoint
-
-                await start_status_endpoint(nursery, config, status)
+                async def drain() -> None:
+                    status.draining = True
+                    notifier.stopping(f"draining {len(agent.running)} running action(s)")
+                    await agent.drain()
 
                 async def watch() -> None:
-                    with trio.open_signal_receiver(
-                        signal.SIGINT, signal.SIGTERM, signal.SIGHUP
-                    ) as signals:
-                        async for signum in signals:
-                            if signum == signal.SIGHUP:
-                                _reload_worker(agent, config, config_path, notifier)
-                                continue
-                            log.info("received %s: draining", signal.Signals(signum).name)
-                            break
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            _reload_worker(agent, config, config_path, notifier)
+                            continue
+                        log.info("received %s: draining", signal.Signals(signum).name)
+                        break
                     await drain()
 
-                nursery.start_soon(watch)
-                nursery.start_soon(notifier.run_watchdog)
-                notifier.ready(f"worker {agent.settings.worker_id} for {config.worker.scheduler}")
-                # Returns once drained, by a signal or at the scheduler's request.
-                await agent.run()
-                nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    status.drain_self = lambda: nursery.start_soon(drain)
+                    await start_status_endpoint(nursery, config, status)
+                    nursery.start_soon(watch)
+                    nursery.start_soon(notifier.run_watchdog)
+                    notifier.ready(
+                        f"worker {agent.settings.worker_id} for {config.worker.scheduler}"
+                    )
+                    # Returns once drained, by a signal or at the scheduler's request.
+                    await agent.run()
+                    nursery.cancel_scope.cancel()
         finally:
             cas_channel.close()
     log.info("worker stopped")
