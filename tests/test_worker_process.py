@@ -27,11 +27,11 @@ def _scheduler(tmp_path: Path) -> ReexecdProcess:
     )
 
 
-def _worker(tmp_path: Path, port: int, name: str) -> ReexecdProcess:
+def _worker(tmp_path: Path, port: int, name: str, extra: str = "") -> ReexecdProcess:
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(
         f'[worker]\nscheduler = "grpc://127.0.0.1:{port}"\nworker_id = "{name}"\n'
-        "max_inflight_tasks = 2\ndrain_timeout_s = 30\n"
+        "max_inflight_tasks = 2\ndrain_timeout_s = 30\n" + extra
     )
     w = ReexecdProcess(
         tmp_path / name,
@@ -152,3 +152,60 @@ async def test_scheduler_sigterm_finishes_running_actions_and_refuses_new(
                 channel.close()
         finally:
             w1.stop()
+
+
+async def test_precondition_script_declines_and_the_action_runs_elsewhere(
+    aio_loop, tmp_path, nursery
+):
+    with _scheduler(tmp_path) as sched:
+        refusing = _worker(
+            tmp_path,
+            sched.port,
+            "refusing",
+            "precondition_script = \"sh -c 'echo disk full >&2; exit 1'\"\n",
+        )
+        ok = None
+        try:
+            await _wait_for(lambda: "worker connected" in sched.log_text())
+            channel = await open_channel(sched.port)
+            try:
+                digest = await upload_action(channel, ["sh", "-c", "echo ran"])
+                call = ExecuteCall(channel, execute_request(digest))
+                nursery.start_soon(call.run)
+                # Only the refusing worker is connected: it declines, the action stays queued.
+                await _wait_for(
+                    lambda: "declined: precondition script exited 1" in sched.log_text()
+                )
+                assert not call.finished.is_set()
+                ok = _worker(tmp_path, sched.port, "ok")
+                await _wait_for(lambda: call.finished.is_set(), timeout=30)
+                assert call.response.status.code == 0
+                assert call.response.result.execution_metadata.worker == "ok"
+            finally:
+                channel.close()
+        finally:
+            for w in (refusing, ok):
+                if w is not None and w.returncode is None:
+                    w.stop()
+
+
+async def test_worker_reconnects_when_the_scheduler_comes_up_later(aio_loop, tmp_path, nursery):
+    sched = _scheduler(tmp_path)
+    w = _worker(tmp_path, sched.port, "early")
+    try:
+        await trio.sleep(1.0)  # the worker is retrying with backoff meanwhile
+        assert w.returncode is None, w.log_text()
+        with sched:
+            await _wait_for(lambda: "worker connected" in sched.log_text(), timeout=40)
+            channel = await open_channel(sched.port)
+            try:
+                digest = await upload_action(channel, ["sh", "-c", "echo late"])
+                call = ExecuteCall(channel, execute_request(digest))
+                await call.run()
+                assert call.response.result.execution_metadata.worker == "early"
+            finally:
+                channel.close()
+        assert "retrying" in w.log_text()
+    finally:
+        if w.returncode is None:
+            assert w.stop() == 0
