@@ -272,10 +272,11 @@ async def test_run_watchdog_pings_repeatedly(sock_dir: Path, receiver: Receiver)
         nursery.cancel_scope.cancel()
     pings = receiver.seen
     assert all(m.fields == {"WATCHDOG": "1"} for m in pings)
-    assert 4 <= len(pings) <= 8, len(pings)
-    assert pings[0].at - start < 0.04  # the first one at once
+    # Loose bounds: CI shares two cores with Bazel and other daemons.
+    assert 3 <= len(pings) <= 8, len(pings)
+    assert pings[0].at - start < 0.2  # the first one at once
     gaps = [b.at - a.at for a, b in itertools.pairwise(pings)]
-    assert all(0.03 < g < 0.15 for g in gaps), gaps
+    assert all(0.03 < g < 0.4 for g in gaps), gaps
 
 
 async def test_run_watchdog_returns_when_the_watchdog_is_another_process(sock_dir: Path) -> None:
