@@ -193,7 +193,7 @@ async def test_capabilities(channel):
     assert re.DigestFunctionValue.SHA256 in cc.digest_functions
     assert re.DigestFunctionValue.BLAKE3 in cc.digest_functions
     assert set(cc.supported_compressors) == {re.CompressorValue.IDENTITY, re.CompressorValue.ZSTD}
-    assert cc.max_batch_total_size_bytes == 4 * 1024 * 1024
+    assert cc.max_batch_total_size_bytes == 4032 * 1024  # under gRPC's 4 MiB message limit
     assert cc.action_cache_update_capabilities.update_enabled
     ec = caps.execution_capabilities
     assert ec.digest_function == re.DigestFunctionValue.SHA256

@@ -161,7 +161,7 @@ async def test_batch_update_zstd(cas):
 
 
 async def test_batch_over_limit(cas):
-    big = b"x" * (4 * 1024 * 1024 + 1)
+    big = b"x" * (4032 * 1024 + 1)
     with pytest.raises(GRPCError) as e:
         await call(
             cas.batch_update_blobs,

@@ -110,7 +110,9 @@ class ServerConfig(_Base):
     """Instance names served; empty accepts every name."""
     grace_period_s: float = 30.0
     """On SIGINT/SIGTERM, how long in-flight RPCs may run before they are cancelled."""
-    max_batch_total_size_bytes: ByteSize = "4MiB"
+    max_batch_total_size_bytes: ByteSize = "4032KiB"
+    """Advertised in Capabilities. 4 MiB less 64 KiB: gRPC clients refuse messages over 4 MiB by
+    default, and a batch carries per-blob digests and statuses on top of its data."""
     max_inline_bytes: ByteSize = "1MiB"
     """GetActionResult: total bytes inlined for inline_stdout/stderr/output_files hints."""
     upload_idle_timeout_s: float = 600.0
