@@ -9,8 +9,8 @@ present in every store.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from reexec.cas.digest import Digest, is_empty
@@ -115,11 +115,6 @@ def check_offset(digest: Digest, offset: int) -> None:
         raise OutOfRange(f"read offset {offset} is negative")
     if offset > digest.size:
         raise OutOfRange(f"read offset {offset} is past the end of {digest.blob_path}")
-
-
-@asynccontextmanager
-async def empty_reader() -> AsyncIterator[BlobReader]:
-    yield BytesReader(b"")
 
 
 def dedupe(digests: Sequence[Digest]) -> list[Digest]:

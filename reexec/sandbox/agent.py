@@ -283,9 +283,3 @@ class WorkerAgent:
             del self.running[key]
             if not self.running:
                 self._idle.set()
-
-
-def default_max_inflight() -> int:
-    import os
-
-    return max(1, os.cpu_count() or 1)
