@@ -103,6 +103,14 @@ class Store(abc.ABC):
             await writer.abort()
             raise
 
+    def max_blob_bytes(self) -> int | None:
+        """The largest blob this store will ever accept; None if it sets no limit of its own.
+
+        Services refuse larger uploads up front (RESOURCE_EXHAUSTED) instead of buffering
+        bytes that can never be committed; decorators forward their inner store's answer.
+        """
+        return None
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Flush and release resources at shutdown."""
 
