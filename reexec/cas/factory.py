@@ -11,7 +11,8 @@ from reexec.cas.filesystem import FilesystemStore
 from reexec.cas.memory import MemoryStore
 from reexec.cas.store import Store
 from reexec.cas.verify import VerifyingStore
-from reexec.daemon import config as c
+from reexec.cas import config as c
+from reexec.configtypes import parse_size
 
 
 def _path(data_dir: Path, path: str) -> Path:
@@ -22,10 +23,10 @@ def _path(data_dir: Path, path: str) -> Path:
 async def build_store(spec: c.StoreConfig, data_dir: Path) -> Store:
     """Construct and start the store tree described by `spec`."""
     if isinstance(spec, c.MemoryStoreConfig):
-        return MemoryStore(c.parse_size(spec.max_bytes))
+        return MemoryStore(parse_size(spec.max_bytes))
     if isinstance(spec, c.FilesystemStoreConfig):
         fs = FilesystemStore(
-            _path(data_dir, spec.path), c.parse_size(spec.max_bytes), fsync=spec.fsync
+            _path(data_dir, spec.path), parse_size(spec.max_bytes), fsync=spec.fsync
         )
         await fs.start()
         return fs
@@ -40,9 +41,9 @@ async def build_store(spec: c.StoreConfig, data_dir: Path) -> Store:
 
 async def build_action_cache(spec: c.ActionCacheConfig, data_dir: Path, cas: Store) -> ActionCache:
     if isinstance(spec, c.MemoryActionCacheConfig):
-        return MemoryActionCache(c.parse_size(spec.max_bytes))
+        return MemoryActionCache(parse_size(spec.max_bytes))
     if isinstance(spec, c.FilesystemActionCacheConfig):
-        ac = FilesystemActionCache(_path(data_dir, spec.path), c.parse_size(spec.max_bytes))
+        ac = FilesystemActionCache(_path(data_dir, spec.path), parse_size(spec.max_bytes))
         await ac.start()
         return ac
     if isinstance(spec, c.CompletenessCheckingActionCacheConfig):

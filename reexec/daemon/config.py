@@ -13,84 +13,32 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
-_UNITS |= {"KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+from reexec.cas.config import (
+    ActionCacheConfig,
+    StoreConfig,
+    default_action_cache,
+    default_store,
+)
+from reexec.configtypes import ByteSize, ConfigStruct, parse_size
+from reexec.sandbox.config import WorkerConfig
+from reexec.sched.config import SchedulerConfig
 
-ByteSize = Union[int, str]  # noqa: UP007 - msgspec needs a runtime Union here
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from an int or a string such as "512MiB", "10GB", "4096"."""
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"size {value} is negative")
-        return value
-    m = _SIZE.match(value)
-    if not m:
-        raise ValueError(
-            f"size {value!r} is not a number of bytes like 1048576, '512MiB' or '10GB'"
-        )
-    unit = (m.group(2) or "").upper().rstrip("B")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class _Tagged(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
-    pass
-
-
-# -- CAS stores (a tree of decorators, chosen by `type`) -------------------------------------
-
-
-class MemoryStoreConfig(_Tagged, tag="memory"):
-    max_bytes: ByteSize = "1GiB"
-
-
-class FilesystemStoreConfig(_Tagged, tag="filesystem"):
-    path: str = "cas"
-    """Relative paths are under the data directory."""
-    max_bytes: ByteSize = "10GiB"
-    fsync: bool = False
-    """fsync each blob before it becomes visible (survives power loss, costs write speed)."""
-
-
-class VerifyStoreConfig(_Tagged, tag="verify"):
-    inner: StoreConfig
-
-
-class FastSlowStoreConfig(_Tagged, tag="fast_slow"):
-    fast: StoreConfig
-    slow: StoreConfig
-
-
-StoreConfig = Union[  # noqa: UP007
-    MemoryStoreConfig, FilesystemStoreConfig, VerifyStoreConfig, FastSlowStoreConfig
+__all__ = [
+    "ByteSize",
+    "Config",
+    "ConfigError",
+    "LogConfig",
+    "SchedulerConfig",
+    "ServerConfig",
+    "StatusConfig",
+    "TlsConfig",
+    "WorkerConfig",
+    "load_config",
+    "parse_listen",
+    "parse_size",
 ]
 
-
-# -- Action cache stores ----------------------------------------------------------------------
-
-
-class MemoryActionCacheConfig(_Tagged, tag="memory"):
-    max_bytes: ByteSize = "256MiB"
-
-
-class FilesystemActionCacheConfig(_Tagged, tag="filesystem"):
-    path: str = "ac"
-    max_bytes: ByteSize = "1GiB"
-
-
-class CompletenessCheckingActionCacheConfig(_Tagged, tag="completeness_checking"):
-    inner: ActionCacheConfig
-
-
-ActionCacheConfig = Union[  # noqa: UP007
-    MemoryActionCacheConfig, FilesystemActionCacheConfig, CompletenessCheckingActionCacheConfig
-]
+_Base = ConfigStruct
 
 
 # -- Server -----------------------------------------------------------------------------------
@@ -127,96 +75,6 @@ class LogConfig(_Base):
     format: Literal["text", "json"] = "text"
 
 
-# -- Scheduler --------------------------------------------------------------------------------
-
-
-class NameValue(_Base):
-    name: str
-    value: str
-
-
-class PropertyModifierConfig(_Base):
-    """Exactly one of: add (when absent), remove (by name), replace (when present)."""
-
-    add: NameValue | None = None
-    remove: str | None = None
-    replace: NameValue | None = None
-
-
-PropertyRuleName = Literal["exact", "minimum", "priority", "ignore"]
-
-
-class SchedulerConfig(_Base):
-    enabled: bool = True
-    """Run the scheduler (Execution service). Off: a cache-only server."""
-    supported_platform_properties: dict[str, PropertyRuleName] = msgspec.field(default_factory=dict)
-    """Platform property name -> exact | minimum | priority | ignore; others are refused."""
-    allocation_strategy: Literal["least_recently_used", "most_recently_used"] = (
-        "least_recently_used"
-    )
-    worker_timeout_s: float = 5.0
-    """A worker silent this long is dropped and its actions requeued."""
-    client_action_timeout_s: float = 60.0
-    """An action no client has waited on for this long is cancelled (0: never)."""
-    max_action_executing_timeout_s: float = 0.0
-    """An executing action with no progress report for this long is requeued (0: off)."""
-    retain_completed_for_s: float = 60.0
-    """Completed operations stay visible to WaitExecution / GetOperation this long."""
-    max_job_retries: int = 3
-    """Infrastructure failures are retried on another worker this many times."""
-    max_action_timeout_s: float = 1200.0
-    """Actions asking for a longer timeout are refused (INVALID_ARGUMENT)."""
-    default_action_timeout_s: float = 600.0
-    """Timeout of actions that set none (capped by max_action_timeout_s)."""
-    property_modifier: list[PropertyModifierConfig] = msgspec.field(default_factory=list)
-    """Rewrites of every action's platform properties, applied in order before queueing."""
-
-
-# -- Worker -----------------------------------------------------------------------------------
-
-
-class SandboxConfig(_Base):
-    run_as: str | None = None
-    """Run actions as this user (name or uid); the worker itself runs as root then."""
-    network: bool = False
-    """A private network namespace (loopback only) for every action."""
-    pid: bool = False
-    """A private PID namespace for every action."""
-    private_tmp: bool = False
-    """A private, empty /tmp for every action."""
-    allow_absolute_symlinks: bool = False
-    """Accept input symlinks with absolute targets."""
-    kill_grace_s: float = 5.0
-    """On timeout or cancel: SIGTERM to the action's process group, SIGKILL this much later."""
-
-
-class WorkerConfig(_Base):
-    enabled: bool = True
-    """`reexecd serve` runs a local worker (ignored by `reexecd scheduler` and `worker`)."""
-    scheduler: str = ""
-    """grpc://host:port or grpcs://host:port of the scheduler (`reexecd worker`)."""
-    instance_name: str = ""
-    """Instance name used for the worker's own CAS reads and writes."""
-    worker_id: str = ""
-    """Stable id; default: the host name (plus the data directory in `serve`)."""
-    platform: dict[str, str | list[str]] = msgspec.field(default_factory=dict)
-    """Platform properties offered to the scheduler (a list gives several values)."""
-    max_inflight_tasks: int = 0
-    """Concurrent actions; 0 means one per CPU."""
-    work_directory: str = "work"
-    """Where input roots are built; must be on the cache's file system for hardlinks."""
-    cache_directory: str = "worker-cache"
-    cache_max_bytes: ByteSize = "10GiB"
-    upload_timeout_s: float = 600.0
-    drain_timeout_s: float = 300.0
-    """On SIGTERM, how long running actions may finish before they are cancelled."""
-    precondition_script: str | None = None
-    """Run before accepting each action; a non-zero exit declines it (offered elsewhere)."""
-    tls_ca: str | None = None
-    """CA bundle to verify a grpcs:// scheduler."""
-    sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
-
-
 # -- Status endpoint --------------------------------------------------------------------------
 
 
@@ -229,20 +87,12 @@ class StatusConfig(_Base):
     """Optional host:port serving /metrics, /healthz and /readyz over TCP (never /drain)."""
 
 
-def _default_cas() -> StoreConfig:
-    return VerifyStoreConfig(inner=FilesystemStoreConfig())
-
-
-def _default_ac() -> ActionCacheConfig:
-    return CompletenessCheckingActionCacheConfig(inner=FilesystemActionCacheConfig())
-
-
 class Config(_Base):
     data_dir: str = "./reexec-data"
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
-    cas: StoreConfig = msgspec.field(default_factory=_default_cas)
-    action_cache: ActionCacheConfig = msgspec.field(default_factory=_default_ac)
+    cas: StoreConfig = msgspec.field(default_factory=default_store)
+    action_cache: ActionCacheConfig = msgspec.field(default_factory=default_action_cache)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     status: StatusConfig = msgspec.field(default_factory=StatusConfig)

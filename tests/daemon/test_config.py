@@ -6,19 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from reexec.daemon.config import (
+from reexec.cas.config import (
     CompletenessCheckingActionCacheConfig,
-    Config,
-    ConfigError,
     FastSlowStoreConfig,
     FilesystemActionCacheConfig,
     FilesystemStoreConfig,
-    LogConfig,
     MemoryActionCacheConfig,
     MemoryStoreConfig,
+    VerifyStoreConfig,
+)
+from reexec.daemon.config import (
+    Config,
+    ConfigError,
+    LogConfig,
     ServerConfig,
     TlsConfig,
-    VerifyStoreConfig,
     load_config,
     parse_listen,
     parse_size,

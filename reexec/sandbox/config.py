@@ -1,0 +1,61 @@
+"""Configuration of a worker: its identity, slots, directories and action sandbox.
+
+`reexec/sandbox/factory.py` builds the worker from it; the daemon only loads it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from reexec.configtypes import ByteSize, ConfigStruct
+
+
+class SandboxConfig(ConfigStruct):
+    run_as: str | None = None
+    """Run actions as this user (name or uid); the worker itself runs as root then."""
+    network: bool = False
+    """A private network namespace (loopback only) for every action."""
+    pid: bool = False
+    """A private PID namespace for every action."""
+    private_tmp: bool = False
+    """A private, empty /tmp for every action."""
+    allow_absolute_symlinks: bool = False
+    """Accept input symlinks with absolute targets."""
+    kill_grace_s: float = 5.0
+    """On timeout or cancel: SIGTERM to the action's process group, SIGKILL this much later."""
+
+
+class WorkerConfig(ConfigStruct):
+    enabled: bool = True
+    """`reexecd serve` runs a local worker (ignored by `reexecd scheduler` and `worker`)."""
+    scheduler: str = ""
+    """grpc://host:port or grpcs://host:port of the scheduler (`reexecd worker`)."""
+    instance_name: str = ""
+    """Instance name used for the worker's own CAS reads and writes."""
+    worker_id: str = ""
+    """Stable id; default: the host name (plus the data directory in `serve`)."""
+    platform: dict[str, str | list[str]] = msgspec.field(default_factory=dict)
+    """Platform properties offered to the scheduler (a list gives several values)."""
+    max_inflight_tasks: int = 0
+    """Concurrent actions; 0 means one per CPU."""
+    work_directory: str = "work"
+    """Where input roots are built; must be on the cache's file system for hardlinks."""
+    cache_directory: str = "worker-cache"
+    cache_max_bytes: ByteSize = "10GiB"
+    upload_timeout_s: float = 600.0
+    drain_timeout_s: float = 300.0
+    """On SIGTERM, how long running actions may finish before they are cancelled."""
+    precondition_script: str | None = None
+    """Run before accepting each action; a non-zero exit declines it (offered elsewhere)."""
+    tls_ca: str | None = None
+    """CA bundle to verify a grpcs:// scheduler."""
+    sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
+
+
+def platform_pairs(platform: dict[str, str | list[str]]) -> list[tuple[str, str]]:
+    """The (name, value) pairs a worker registers with; a list value gives several pairs."""
+    out = []
+    for name, value in sorted(platform.items()):
+        for v in [value] if isinstance(value, str) else value:
+            out.append((name, v))
+    return out

@@ -1,0 +1,86 @@
+"""Configuration of the scheduler, and the settings the scheduler core runs with.
+
+`SchedulerConfig` is what a config file says; `settings()` derives the `SchedulerSettings` the
+core uses (parsed property modifiers and rules), so nothing outside this package mirrors fields.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from reexec.configtypes import ConfigStruct
+from reexec.sched.matching import PropertyModifier
+from reexec.sched.settings import SchedulerSettings
+
+
+class NameValue(ConfigStruct):
+    name: str
+    value: str
+
+
+class PropertyModifierConfig(ConfigStruct):
+    """Exactly one of: add (when absent), remove (by name), replace (when present)."""
+
+    add: NameValue | None = None
+    remove: str | None = None
+    replace: NameValue | None = None
+
+    def modifier(self) -> PropertyModifier | None:
+        if self.add is not None:
+            return PropertyModifier("add", self.add.name, self.add.value)
+        if self.replace is not None:
+            return PropertyModifier("replace", self.replace.name, self.replace.value)
+        if self.remove is not None:
+            return PropertyModifier("remove", self.remove)
+        return None
+
+
+PropertyRuleName = Literal["exact", "minimum", "priority", "ignore"]
+
+
+class SchedulerConfig(ConfigStruct):
+    enabled: bool = True
+    """Run the scheduler (Execution service). Off: a cache-only server."""
+    supported_platform_properties: dict[str, PropertyRuleName] = msgspec.field(default_factory=dict)
+    """Platform property name -> exact | minimum | priority | ignore; others are refused."""
+    allocation_strategy: Literal["least_recently_used", "most_recently_used"] = (
+        "least_recently_used"
+    )
+    worker_timeout_s: float = 5.0
+    """A worker silent this long is dropped (its stream closed) and its actions requeued."""
+    client_action_timeout_s: float = 60.0
+    """An action no client has waited on for this long is cancelled (0: never)."""
+    max_action_executing_timeout_s: float = 0.0
+    """An executing action with no progress report for this long is requeued (0: off)."""
+    retain_completed_for_s: float = 60.0
+    """Completed operations stay visible to WaitExecution / GetOperation this long."""
+    max_job_retries: int = 3
+    """Infrastructure failures are retried on another worker this many times."""
+    max_declines: int = 100
+    """An action declined by workers (precondition script, draining) this many times fails
+    with FAILED_PRECONDITION instead of being offered forever."""
+    max_action_timeout_s: float = 1200.0
+    """Actions asking for a longer timeout are refused (INVALID_ARGUMENT)."""
+    default_action_timeout_s: float = 600.0
+    """Timeout of actions that set none (capped by max_action_timeout_s)."""
+    property_modifier: list[PropertyModifierConfig] = msgspec.field(default_factory=list)
+    """Rewrites of every action's platform properties, applied in order before queueing."""
+
+    def settings(self) -> SchedulerSettings:
+        """The settings the scheduler core runs with."""
+        modifiers = [m for c in self.property_modifier if (m := c.modifier()) is not None]
+        return SchedulerSettings(
+            rules=dict(self.supported_platform_properties),
+            modifiers=tuple(modifiers),
+            allocation=self.allocation_strategy,
+            worker_timeout_s=self.worker_timeout_s,
+            client_action_timeout_s=self.client_action_timeout_s,
+            max_action_executing_timeout_s=self.max_action_executing_timeout_s,
+            retain_completed_for_s=self.retain_completed_for_s,
+            max_job_retries=self.max_job_retries,
+            max_declines=self.max_declines,
+            max_action_timeout_s=self.max_action_timeout_s,
+            default_action_timeout_s=self.default_action_timeout_s,
+        )
