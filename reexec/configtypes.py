@@ -39,5 +39,7 @@ class ConfigStruct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A config section: unknown keys are errors, every field is keyword-only."""
 
 
-class TaggedConfigStruct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
+class TaggedConfigStruct(
+    msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type"
+):
     """A config section chosen by its `type` key (one member of a tagged union)."""

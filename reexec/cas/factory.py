@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from reexec.cas import config as c
 from reexec.cas.action_cache import ActionCache, FilesystemActionCache, MemoryActionCache
 from reexec.cas.completeness import CompletenessCheckingActionCache
 from reexec.cas.fast_slow import FastSlowStore
@@ -11,7 +12,6 @@ from reexec.cas.filesystem import FilesystemStore
 from reexec.cas.memory import MemoryStore
 from reexec.cas.store import Store
 from reexec.cas.verify import VerifyingStore
-from reexec.cas import config as c
 from reexec.configtypes import parse_size
 
 
