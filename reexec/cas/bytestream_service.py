@@ -17,9 +17,10 @@ import trio
 import zstandard
 
 from reexec import fastpb
+from reexec.cas.limits import check_blob_size
 from reexec.cas.resource import Compressor, ResourceName, parse_read_name, parse_write_name
 from reexec.cas.store import READ_CHUNK, BlobWriter, Store
-from reexec.errors import InvalidArgument, NotFound, OutOfRange
+from reexec.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from reexec.gen.google import bytestream as bs
 from reexec.metrics import CAS_BYTES
 from reexec.rpc import (
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 # end of the stream) and then cross into Trio together: one crossing per batch instead of two
 # per message (Bazel sends 16 KiB chunks).
 WRITE_BATCH = 1 << 20
+# Decompressed output of a zstd upload reaches the writer in pieces of at most this size.
+ZSTD_OUTPUT_CHUNK = 1 << 20
+# Resumable uploads open at once in one server unless configured otherwise.
+DEFAULT_MAX_OPEN_UPLOADS = 512
 
 
 async def recv_batch(stream: Stream, into: list[Any], max_bytes: int = WRITE_BATCH) -> None:
@@ -98,13 +103,63 @@ def check_batch(batch: Sequence[Any], key: str, offset: int) -> BatchCheck:
     return out
 
 
+class _TooMuchOutput(Exception):
+    pass
+
+
+class _BoundedSink:
+    """Collects decompressed output, refusing more than `limit` bytes in total."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.total += len(data)
+        if self.total > self.limit:
+            raise _TooMuchOutput
+        self.parts.append(data)
+        return len(data)
+
+
+class BoundedZstd:
+    """Streaming zstd decompression whose total output may not exceed the blob's declared size.
+
+    A few KiB of zstd can expand to gigabytes; output is produced in `ZSTD_OUTPUT_CHUNK` pieces
+    and counted as it appears, so at most the declared size (plus one chunk) is ever held.
+    """
+
+    def __init__(self, declared_size: int) -> None:
+        self._sink = _BoundedSink(declared_size)
+        self._writer = zstandard.ZstdDecompressor().stream_writer(
+            self._sink, write_size=ZSTD_OUTPUT_CHUNK, write_return_read=True, closefd=False
+        )
+
+    def decompress(self, data: bytes) -> bytes:
+        """The plain bytes `data` completes. Raises InvalidArgument for corrupt data or output
+        beyond the declared size. Thread-safe only in the sense that one upload is fed by one
+        stream at a time (the upload's `busy` flag)."""
+        try:
+            self._writer.write(data)
+        except _TooMuchOutput:
+            raise InvalidArgument(
+                f"zstd data decompresses to more than the declared {self._sink.limit} bytes"
+            ) from None
+        except zstandard.ZstdError as e:
+            raise InvalidArgument(f"invalid zstd data: {e}") from None
+        out = b"".join(self._sink.parts)
+        self._sink.parts.clear()
+        return out
+
+
 @dataclass
 class Upload:
     """One resumable upload. `received` counts wire bytes (compressed ones for zstd uploads)."""
 
     name: ResourceName
     writer: BlobWriter
-    decompressor: zstandard.ZstdDecompressionObj | None
+    decompressor: BoundedZstd | None
     received: int = 0
     last_active: float = field(default_factory=time.monotonic)
     busy: bool = False
@@ -148,11 +203,13 @@ class ByteStreamService(Service):
         instances: Sequence[str] = (),
         uploads: UploadTable | None = None,
         read_chunk_bytes: int = READ_CHUNK,
+        max_open_uploads: int = DEFAULT_MAX_OPEN_UPLOADS,
     ) -> None:
         self.cas = cas
         self.instances = tuple(instances)
         self.uploads = uploads or UploadTable(600.0)
         self.read_chunk = read_chunk_bytes
+        self.max_open_uploads = max_open_uploads
 
     def rpcs(self):  # type: ignore[no-untyped-def]
         return {
@@ -249,6 +306,7 @@ class ByteStreamService(Service):
         check_instance(self.instances, name.instance)
         digest = name.digest
         compressed = name.compressor is Compressor.ZSTD
+        check_blob_size(self.cas, digest.size, digest.blob_path)
 
         # After a break the task is being cancelled: what arrived is still kept (shielded), so
         # a resumed upload continues from there, as when messages were fed one at a time.
@@ -343,12 +401,15 @@ class ByteStreamService(Service):
             raise InvalidArgument(
                 f"write_offset {offset} for {key}, which has no upload in progress"
             )
+        if len(self.uploads.uploads) >= self.max_open_uploads:
+            await self.uploads.expire()
+            if len(self.uploads.uploads) >= self.max_open_uploads:
+                raise ResourceExhausted(
+                    f"{len(self.uploads.uploads)} uploads are already open on this server "
+                    f"(max_open_uploads {self.max_open_uploads}); finish or retry later"
+                )
         writer = await self.cas.open_write(name.digest)
-        decompressor = (
-            zstandard.ZstdDecompressor().decompressobj()
-            if name.compressor is Compressor.ZSTD
-            else None
-        )
+        decompressor = BoundedZstd(name.digest.size) if name.compressor is Compressor.ZSTD else None
         upload = Upload(name, writer, decompressor)
         self.uploads.uploads[key] = upload
         return upload
@@ -363,8 +424,8 @@ class ByteStreamService(Service):
             return
         try:
             plain = await trio.to_thread.run_sync(upload.decompressor.decompress, data)
-        except zstandard.ZstdError as e:
-            raise InvalidArgument(f"invalid zstd data for {upload.name.format()}: {e}") from None
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{upload.name.format()}: {e.message}") from None
         if plain:
             await upload.writer.write(plain)
 

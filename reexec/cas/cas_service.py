@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from reexec import fastpb
 from reexec.cas.digest import Digest, make_digest, make_digests
+from reexec.cas.limits import check_blob_size
 from reexec.cas.resource import SUPPORTED_COMPRESSORS, Compressor
 from reexec.cas.store import BlobNotFound, Store
 from reexec.errors import InvalidArgument, NotFound, ReexecError
@@ -91,6 +92,7 @@ class CasService(Service):
             async with limiter:
                 try:
                     digest = make_digest(entry.digest.hash, entry.digest.size_bytes, function)
+                    check_blob_size(self.cas, digest.size, f"blob {digest.blob_path}")
                     data = _decompress_batch_entry(entry.compressor, entry.data, digest)
                     await self.cas.put_bytes(digest, data)
                 except ReexecError as e:

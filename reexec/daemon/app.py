@@ -149,7 +149,9 @@ def build_services(
             ac_update_enabled=s.ac_allow_updates,
         ),
         CasService(cas, instances=s.instances, max_batch_total_size_bytes=max_batch),
-        ByteStreamService(cas, instances=s.instances, uploads=uploads),
+        ByteStreamService(
+            cas, instances=s.instances, uploads=uploads, max_open_uploads=s.max_open_uploads
+        ),
         ActionCacheService(
             ac,
             cas,

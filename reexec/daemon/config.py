@@ -67,6 +67,23 @@ class ServerConfig(_Base):
     """Resumable ByteStream uploads idle this long are discarded."""
     ac_allow_updates: bool = True
     """Whether clients may call UpdateActionResult."""
+    max_receive_message_bytes: ByteSize = 0
+    """Largest gRPC message a client may send; a larger one is refused with RESOURCE_EXHAUSTED
+    from its length prefix, before it is buffered or decoded. 0 (default): 4 MiB plus
+    max_batch_total_size_bytes (8128 KiB with the default batch size)."""
+    max_connections: int = 0
+    """Client connections served at once per listen address; one more is closed as soon as it
+    is accepted. 0 (default): half of the file-descriptor limit (RLIMIT_NOFILE), at least 16."""
+    connection_idle_timeout_s: float = 300.0
+    """A client connection with no RPC in flight for this long is closed; 0 keeps idle
+    connections open forever. Default 300 s."""
+    max_open_uploads: int = 512
+    """Resumable ByteStream uploads open at once in this server; a new one beyond it gets
+    RESOURCE_EXHAUSTED (finished and expired uploads free their place). Default 512."""
+    allow_list_operations: bool = False
+    """Whether gRPC clients may call Operations.ListOperations. Off by default: an operation's
+    name is the capability to watch or cancel it, so listing them would hand out every
+    client's operations (operators list them on the status socket). Default false."""
     tls: TlsConfig | None = None
 
 
@@ -141,7 +158,10 @@ def check_semantics(config: Config, source: str) -> None:
             fail(f"server.listen[{i}]", str(e))
     if not config.server.listen:
         fail("server.listen", "at least one address is required")
-    for key in ("grace_period_s", "upload_idle_timeout_s"):
+    for key in ("max_connections", "max_open_uploads"):
+        if getattr(config.server, key) < 0:
+            fail(f"server.{key}", "must not be negative")
+    for key in ("grace_period_s", "upload_idle_timeout_s", "connection_idle_timeout_s"):
         value = getattr(config.server, key)
         if value != value:  # NaN compares false with everything, so `< 0` would let it pass
             fail(f"server.{key}", "must be a number of seconds, not nan")
@@ -153,6 +173,7 @@ def _sizes(config: Config) -> list[tuple[str, int | str]]:
     out: list[tuple[str, int | str]] = [
         ("server.max_batch_total_size_bytes", config.server.max_batch_total_size_bytes),
         ("server.max_inline_bytes", config.server.max_inline_bytes),
+        ("server.max_receive_message_bytes", config.server.max_receive_message_bytes),
     ]
 
     def walk(prefix: str, node: Any) -> None:
