@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import uuid
 
 import pytest
 import trio
@@ -325,8 +326,11 @@ async def test_wait_execution_and_operations_api(env):
     ops = _ops_stub(channel)
     got = await call(ops.get, _req("GetOperationRequest", name=name))
     assert got.name == name and not got.done
-    listed = await call(ops.list, _req("ListOperationsRequest"))
-    assert name in [o.name for o in listed.operations]
+    # Names are capabilities: listing them is refused unless the operator enables it.
+    with pytest.raises(GRPCError) as e:
+        await call(ops.list, _req("ListOperationsRequest"))
+    assert e.value.status is Status.PERMISSION_DENIED
+    assert "allow_list_operations" in e.value.message
     await worker.finish(start)
     await c.finished.wait()
     # WaitExecution after completion re-attaches and gets the final state at once.
@@ -336,6 +340,35 @@ async def test_wait_execution_and_operations_api(env):
     with pytest.raises(GRPCError) as e:
         await call(ops.get, _req("GetOperationRequest", name="nope"))
     assert e.value.status is Status.NOT_FOUND
+
+
+async def test_list_operations_when_allowed(aio_loop, tmp_path, nursery):
+    config = make_config(tmp_path / "data", scheduler=SCHED, allow_list_operations=True)
+    daemon = await start_daemon(nursery, config)
+    channel = await open_channel(daemon.port)
+    _channels.append(channel)
+    worker = await _worker(channel, nursery, "w1")
+    c = _execute(channel, nursery, await upload_action(channel, ["a"]))
+    start = await worker.next_start()
+    listed = await call(_ops_stub(channel).list, _req("ListOperationsRequest"))
+    assert start.operation_name in [o.name for o in listed.operations]
+    await worker.finish(start)
+    await c.finished.wait()
+
+
+async def test_operation_names_are_random_uuids(env):
+    _, channel, nursery = env
+    worker = await _worker(channel, nursery, "w1")
+    names = []
+    for i in range(2):
+        c = _execute(channel, nursery, await upload_action(channel, ["n"], salt=str(i)))
+        start = await worker.next_start()
+        names.append(start.operation_name)
+        await worker.finish(start)
+        await c.finished.wait()
+    parsed = [uuid.UUID(n) for n in names]
+    assert all(u.version == 4 and str(u) == n for u, n in zip(parsed, names, strict=True))
+    assert names[0] != names[1]
 
 
 async def test_cancel_operation_cancels_on_the_worker(env):

@@ -138,7 +138,7 @@ def build_services(
     if scheduler is not None:
         scheduling = [
             ExecutionService(scheduler, cas, instances=s.instances),
-            OperationsService(scheduler),
+            OperationsService(scheduler, allow_list=s.allow_list_operations),
             WorkerService(scheduler, cas),
         ]
     return [

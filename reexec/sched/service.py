@@ -9,7 +9,7 @@ import trio
 
 from reexec import fastpb
 from reexec.cas.store import Store
-from reexec.errors import FailedPrecondition, InvalidArgument, NotFound
+from reexec.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from reexec.rpc import Cardinality, Service, Stream, aio, streaming, unary
 from reexec.sched.messages import operation_message
 from reexec.sched.scheduler import Scheduler
@@ -88,10 +88,19 @@ async def stream_operation(scheduler: Scheduler, stream: Stream, op: Operation) 
 
 
 class OperationsService(Service):
+    """google.longrunning.Operations over the scheduler's operations.
+
+    An operation's name (a random UUID4, 122 random bits) is the capability to watch, cancel or
+    delete it: only the clients that submitted or merged into the operation learn it. Listing
+    would hand every name to every client, so ListOperations is refused unless `allow_list`
+    (operators see operations on the status socket instead).
+    """
+
     SERVICE = "google.longrunning.Operations"
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, *, allow_list: bool = False) -> None:
         self.scheduler = scheduler
+        self.allow_list = allow_list
 
     def rpcs(self):  # type: ignore[no-untyped-def]
         m = fastpb.message_class
@@ -126,6 +135,12 @@ class OperationsService(Service):
         return operation_message(self._get(request.name))
 
     async def list_operations(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
+        if not self.allow_list:
+            raise PermissionDenied(
+                "ListOperations is disabled on this server: operation names are private to the "
+                "clients that started them (operators: `reexecd status`; "
+                "server.allow_list_operations = true enables it)"
+            )
         if request.filter:
             raise InvalidArgument("ListOperations filters are not supported")
         if request.page_size < 0:
