@@ -18,6 +18,7 @@ from reexec.cas.digest import Digest, make_digest, make_digests
 from reexec.cas.limits import check_blob_size
 from reexec.cas.resource import SUPPORTED_COMPRESSORS, Compressor
 from reexec.cas.store import BlobNotFound, Store
+from reexec.cas.tree_size import MAX_TREE_ENTRIES
 from reexec.errors import InvalidArgument, NotFound, ReexecError
 from reexec.rpc import Cardinality, Service, Stream, aio, check_instance, streaming, unary
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 BATCH_CONCURRENCY = 16
 # GetTree pages are cut at this many bytes of Directory messages when the client sets no size.
 DEFAULT_TREE_PAGE_BYTES = 1 << 20
+# GetTree parses a level of the tree with more directories than this in a worker thread.
+THREAD_THRESHOLD = 256
 
 
 class CasService(Service):
@@ -192,26 +195,65 @@ class CasService(Service):
         yield page
 
     async def _walk(self, root: Digest):  # type: ignore[no-untyped-def]
+        """The raw bytes of each distinct directory of the tree once, breadth-first.
+
+        A subtree named by many parents is sent once, so a DAG that expands exponentially costs
+        only its distinct directories; those are bounded by MAX_TREE_ENTRIES (a tree with more
+        could never be an input root). Levels larger than THREAD_THRESHOLD are parsed in a
+        worker thread, so the event loop does no work that grows with the tree.
+        """
         seen = {root}
-        queue = [root]
-        function = root.function
-        while queue:
-            next_level: list[Digest] = []
-            for digest in queue:
-                try:
-                    raw = await self.cas.get_bytes(digest)
-                    directory = fastpb.Directory.FromString(raw)
-                except BlobNotFound:
-                    continue
-                except DecodeError:
-                    raise InvalidArgument(f"{digest.blob_path} is not a valid Directory") from None
+        level = [root]
+        function = int(root.function)
+        while level:
+            raws = await self._read_level(level)
+            if len(raws) > THREAD_THRESHOLD:
+                children = await trio.to_thread.run_sync(_level_children, raws, function)
+            else:
+                children = _level_children(raws, function)
+            for raw in raws.values():
                 yield raw
-                for child in directory.directories:
-                    d = make_digest(child.digest.hash, child.digest.size_bytes, int(function))
-                    if d not in seen:
-                        seen.add(d)
-                        next_level.append(d)
-            queue = next_level
+            next_level: list[Digest] = []
+            for d in children:
+                if d not in seen:
+                    if len(seen) > MAX_TREE_ENTRIES:
+                        raise InvalidArgument(
+                            f"the tree under {root.blob_path} has more than "
+                            f"{MAX_TREE_ENTRIES:,} directories"
+                        )
+                    seen.add(d)
+                    next_level.append(d)
+            level = next_level
+
+    async def _read_level(self, level: list[Digest]) -> dict[Digest, bytes]:
+        """The directories of `level` that are in the CAS, in `level`'s order."""
+        found: list[bytes | None] = [None] * len(level)
+        limiter = trio.CapacityLimiter(BATCH_CONCURRENCY)
+
+        async def one(i: int, digest: Digest) -> None:
+            async with limiter:
+                try:
+                    found[i] = await self.cas.get_bytes(digest)
+                except BlobNotFound:
+                    pass
+
+        async with trio.open_nursery() as nursery:
+            for i, digest in enumerate(level):
+                nursery.start_soon(one, i, digest)
+        return {d: raw for d, raw in zip(level, found, strict=True) if raw is not None}
+
+
+def _level_children(raws: dict[Digest, bytes], function: int) -> list[Digest]:
+    """Subdirectory digests of one level's directories, in order (may run in a thread)."""
+    out: list[Digest] = []
+    for digest, raw in raws.items():
+        try:
+            directory = fastpb.Directory.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument(f"{digest.blob_path} is not a valid Directory") from None
+        for child in directory.directories:
+            out.append(make_digest(child.digest.hash, child.digest.size_bytes, function))
+    return out
 
 
 def _decompress_batch_entry(compressor: int, data: bytes, digest: Digest) -> bytes:

@@ -9,6 +9,7 @@ import trio
 
 from reexec import fastpb
 from reexec.cas.store import Store
+from reexec.cas.tree_size import SizeCache
 from reexec.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from reexec.rpc import Cardinality, Service, Stream, aio, streaming, unary
 from reexec.sched.messages import operation_message
@@ -30,6 +31,8 @@ class ExecutionService(Service):
         self.scheduler = scheduler
         self.cas = cas
         self.instances = tuple(instances)
+        # Expanded sizes of input trees by Directory digest, kept across Executes.
+        self.tree_sizes = SizeCache()
 
     def rpcs(self):  # type: ignore[no-untyped-def]
         return {
@@ -47,12 +50,10 @@ class ExecutionService(Service):
     async def execute(self, stream: Stream) -> None:
         request = await aio(stream.recv_message)
         spec, _, _ = await validate_execute(
-            request, self.cas, self.scheduler.settings, self.instances
+            request, self.cas, self.scheduler.settings, self.instances, self.tree_sizes
         )
-        op, merged = self.scheduler.submit(spec)
+        op, _ = self.scheduler.submit(spec)  # a new operation's cache check starts there
         try:
-            if not merged:
-                self.scheduler.spawn_cache_check(op)
             await stream_operation(self.scheduler, stream, op)
         finally:
             self.scheduler.detach(op.name)

@@ -2,24 +2,46 @@
 
 Errors here are gRPC errors of the Execute call itself (REAPI: errors found while creating the
 operation). Missing Action, Command or input root is FAILED_PRECONDITION with one MISSING
-violation per blob, which makes clients re-upload them. Blobs deeper in the input tree are
-checked by the worker when it fetches them (checking every file here would read the whole tree
-on the scheduler for each Execute).
+violation per blob, which makes clients re-upload them.
+
+The input root's Directory DAG is read here (directories only, never files) and its expanded
+size bounded from the DAG with memoised subtree sizes (`reexec.cas.tree_size`) before anything
+is queued: a few dozen directories that each name the previous one twice would otherwise expand
+to 2^40 entries on the worker. Sizes are cached by digest, so an input root seen before costs
+one lookup and a new one only its new directories. Missing directories are MISSING violations;
+files are checked by the worker when it fetches them (checking every file here would read the
+whole tree on the scheduler for each Execute).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import trio
 from google.protobuf.message import DecodeError
 
 from reexec import fastpb
 from reexec.cas.digest import Digest, make_digest
 from reexec.cas.store import BlobNotFound, Store
+from reexec.cas.tree_size import (
+    MAX_TREE_DEPTH,
+    MAX_TREE_ENTRIES,
+    SizeCache,
+    TreeSize,
+    TreeTooLarge,
+    subtree_sizes,
+)
 from reexec.errors import InvalidArgument, missing_blobs_error
 from reexec.rpc import check_instance
 from reexec.sched.matching import queue_key
 from reexec.sched.scheduler import ActionSpec, SchedulerSettings
+
+# Levels of the input tree with more new directories than this are parsed, and trees with more
+# than this many new directories sized, in a worker thread: the event loop never does work that
+# grows with the tree.
+THREAD_THRESHOLD = 256
+# Directory reads in flight at once while loading one input tree.
+READ_CONCURRENCY = 16
 
 
 async def _read(cas: Store, digest: Digest) -> bytes | None:
@@ -56,10 +78,125 @@ def _timeout_s(action: fastpb.Message, settings: SchedulerSettings) -> float:
     return requested
 
 
+def _parse_level(
+    raws: dict[Digest, bytes], fn: int
+) -> dict[Digest, tuple[fastpb.Message, list[Digest]]]:
+    """Parse one level's Directory messages and their subdirectory digests (may run in a
+    thread: touches nothing shared)."""
+    out = {}
+    for digest, raw in raws.items():
+        try:
+            directory = fastpb.Directory.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument(
+                f"input directory {digest.blob_path} is not a valid Directory message"
+            ) from None
+        children = []
+        for node in directory.directories:
+            try:
+                children.append(make_digest(node.digest.hash, node.digest.size_bytes, fn))
+            except InvalidArgument as e:
+                raise InvalidArgument(
+                    f"subdirectory {node.name!r} of {digest.blob_path}: {e.message}"
+                ) from None
+        out[digest] = (directory, children)
+    return out
+
+
+async def _read_many(cas: Store, digests: list[Digest]) -> dict[Digest, bytes | None]:
+    out: dict[Digest, bytes | None] = {}
+    limiter = trio.CapacityLimiter(READ_CONCURRENCY)
+
+    async def one(d: Digest) -> None:
+        async with limiter:
+            out[d] = await _read(cas, d)
+
+    async with trio.open_nursery() as nursery:
+        for d in digests:
+            nursery.start_soon(one, d)
+    return out
+
+
+async def input_tree_size(
+    cas: Store,
+    root: Digest,
+    cache: SizeCache,
+    *,
+    max_entries: int = MAX_TREE_ENTRIES,
+    max_depth: int = MAX_TREE_DEPTH,
+) -> TreeSize:
+    """The expanded size of the input tree under `root`, from its DAG.
+
+    Reads each directory not already sized in `cache` once, level by level; raises
+    FAILED_PRECONDITION (MISSING violations) for missing directories and TreeTooLarge
+    (INVALID_ARGUMENT) for a tree over the limits, at the latest once the distinct directories
+    alone exceed them. Work that grows with the tree runs in a worker thread.
+    """
+    hit = cache.get(root)
+    if hit is not None:
+        return hit
+    fn = int(root.function)
+    directories: dict[Digest, fastpb.Message] = {}
+    known: dict[Digest, TreeSize] = {}
+    missing: list[Digest] = []
+    level = [root]
+    while level:
+        if len(directories) + len(level) > max_entries + 1:
+            # Every distinct directory but the root is at least one entry of the tree.
+            raise TreeTooLarge(f"the tree has more than {max_entries:,} directories")
+        raws = await _read_many(cas, level)
+        present = {d: raw for d, raw in raws.items() if raw is not None}
+        missing.extend(d for d, raw in raws.items() if raw is None)
+        if len(present) > THREAD_THRESHOLD:
+            parsed = await trio.to_thread.run_sync(_parse_level, present, fn)
+        else:
+            parsed = _parse_level(present, fn)
+        next_level: dict[Digest, None] = {}
+        for digest, (directory, children) in parsed.items():
+            directories[digest] = directory
+            for child in children:
+                if child in directories or child in known or child in next_level:
+                    continue
+                size = cache.get(child)
+                if size is not None:
+                    known[child] = size
+                else:
+                    next_level[child] = None
+        level = list(next_level)
+        await trio.lowlevel.checkpoint()
+    if missing:
+        raise missing_blobs_error(
+            f"the input tree under {root.blob_path}", [d.blob_path for d in missing]
+        )
+
+    def size_all() -> dict[Digest, TreeSize]:
+        return subtree_sizes(
+            root,
+            directories,
+            lambda node: make_digest(node.digest.hash, node.digest.size_bytes, fn),
+            known=known,
+            max_entries=max_entries,
+            max_depth=max_depth,
+        )
+
+    if len(directories) > THREAD_THRESHOLD:
+        sizes = await trio.to_thread.run_sync(size_all)
+    else:
+        sizes = size_all()
+    cache.update(sizes.items())
+    return sizes[root]
+
+
 async def validate_execute(
-    request: fastpb.Message, cas: Store, settings: SchedulerSettings, instances: Sequence[str]
+    request: fastpb.Message,
+    cas: Store,
+    settings: SchedulerSettings,
+    instances: Sequence[str],
+    tree_sizes: SizeCache | None = None,
 ) -> tuple[ActionSpec, fastpb.Message, fastpb.Message]:
-    """The ActionSpec for `request`, plus its parsed Action and Command."""
+    """The ActionSpec for `request`, plus its parsed Action and Command.
+
+    `tree_sizes` carries input tree sizes across calls (a fresh cache if None)."""
     check_instance(instances, request.instance_name)
     d = request.action_digest
     digest = make_digest(d.hash, d.size_bytes, request.digest_function)
@@ -88,6 +225,12 @@ async def validate_execute(
     command = _parse(fastpb.Command, command_bytes, "Command", command_digest)
     if not command.arguments:
         raise InvalidArgument(f"Command {command_digest.blob_path} has no arguments")
+    try:
+        await input_tree_size(cas, root_digest, tree_sizes or SizeCache())
+    except TreeTooLarge as e:
+        raise TreeTooLarge(
+            f"Action {digest.blob_path}: input root {root_digest.blob_path}: {e.message}"
+        ) from None
 
     timeout_s = _timeout_s(action, settings)
     # REAPI 2.2 moved the platform to the Action; older clients (Bazel 4) set both.
