@@ -5,15 +5,22 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Annotated, Union
+
+import msgspec
 
 from reexec.configtypes import ByteSize, TaggedConfigStruct
 
 # -- CAS stores -------------------------------------------------------------------------------
 
+BlobFraction = Annotated[float, msgspec.Meta(gt=0, le=1)]
+
 
 class MemoryStoreConfig(TaggedConfigStruct, tag="memory"):
     max_bytes: ByteSize = "1GiB"
+    max_blob_fraction: BlobFraction = 0.1
+    """The largest blob accepted, as a fraction of `max_bytes` (RESOURCE_EXHAUSTED beyond it),
+    so one blob can never evict more than this share of the store."""
 
 
 class FilesystemStoreConfig(TaggedConfigStruct, tag="filesystem"):
@@ -21,7 +28,11 @@ class FilesystemStoreConfig(TaggedConfigStruct, tag="filesystem"):
     """Relative paths are under the data directory."""
     max_bytes: ByteSize = "10GiB"
     fsync: bool = False
-    """fsync each blob before it becomes visible (survives power loss, costs write speed)."""
+    """fsync each blob and its directory when it becomes visible (survives power loss, costs
+    write speed)."""
+    max_blob_fraction: BlobFraction = 0.1
+    """The largest blob accepted, as a fraction of `max_bytes` (RESOURCE_EXHAUSTED beyond it),
+    so one blob can never evict more than this share of the store."""
 
 
 class VerifyStoreConfig(TaggedConfigStruct, tag="verify"):

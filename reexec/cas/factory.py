@@ -10,7 +10,7 @@ from reexec.cas.completeness import CompletenessCheckingActionCache
 from reexec.cas.fast_slow import FastSlowStore
 from reexec.cas.filesystem import FilesystemStore
 from reexec.cas.memory import MemoryStore
-from reexec.cas.store import Store
+from reexec.cas.store import Store, blob_limit
 from reexec.cas.verify import VerifyingStore
 from reexec.configtypes import parse_size
 
@@ -23,10 +23,15 @@ def _path(data_dir: Path, path: str) -> Path:
 async def build_store(spec: c.StoreConfig, data_dir: Path) -> Store:
     """Construct and start the store tree described by `spec`."""
     if isinstance(spec, c.MemoryStoreConfig):
-        return MemoryStore(parse_size(spec.max_bytes))
+        size = parse_size(spec.max_bytes)
+        return MemoryStore(size, max_blob_bytes=blob_limit(size, spec.max_blob_fraction))
     if isinstance(spec, c.FilesystemStoreConfig):
+        size = parse_size(spec.max_bytes)
         fs = FilesystemStore(
-            _path(data_dir, spec.path), parse_size(spec.max_bytes), fsync=spec.fsync
+            _path(data_dir, spec.path),
+            size,
+            fsync=spec.fsync,
+            max_blob_bytes=blob_limit(size, spec.max_blob_fraction),
         )
         await fs.start()
         return fs

@@ -1,14 +1,19 @@
-"""FastSlowStore: reads try `fast` first and fill it from `slow`; writes go to both."""
+"""FastSlowStore: reads try `fast` first and fill it from `slow`; writes go to both.
+
+The slow store is the source of truth: its `max_blob_bytes` is the limit, and a blob the fast
+store refuses (too large for it) is simply not cached there.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 
 import trio
 
 from reexec.cas.digest import Digest
 from reexec.cas.store import READ_CHUNK, BlobNotFound, BlobReader, BlobWriter, Store
+from reexec.errors import ResourceExhausted
 
 
 class FastSlowStore(Store):
@@ -55,7 +60,10 @@ class FastSlowStore(Store):
                 yield reader
             return
         async with self.slow.open_read(digest) as slow_reader:
-            writer = await self.fast.open_write(digest)
+            writer = await self._fast_writer(digest)
+            if writer is None:
+                yield slow_reader
+                return
             tee = _TeeReader(slow_reader, writer)
             try:
                 yield tee
@@ -63,9 +71,18 @@ class FastSlowStore(Store):
                 with trio.CancelScope(shield=True):
                     await tee.finish()
 
+    async def _fast_writer(self, digest: Digest) -> BlobWriter | None:
+        """A writer into the fast store, or None if it refuses the blob (too large for it)."""
+        try:
+            return await self.fast.open_write(digest)
+        except ResourceExhausted:
+            return None
+
     async def _fill(self, digest: Digest) -> None:
         async with self.slow.open_read(digest) as reader:
-            writer = await self.fast.open_write(digest)
+            writer = await self._fast_writer(digest)
+            if writer is None:
+                return
             try:
                 while chunk := await reader.read(READ_CHUNK):
                     await writer.write(chunk)
@@ -79,20 +96,61 @@ class FastSlowStore(Store):
             return await self.fast.get_bytes(digest)
         except BlobNotFound:
             data = await self.slow.get_bytes(digest)
-            await self.fast.put_bytes(digest, data)
+            try:
+                await self.fast.put_bytes(digest, data)
+            except ResourceExhausted:
+                pass
             return data
 
     async def open_write(self, digest: Digest) -> BlobWriter:
-        return _BothWriter(
-            digest, await self.fast.open_write(digest), await self.slow.open_write(digest)
-        )
+        slow = await self.slow.open_write(digest)
+        try:
+            fast = await self._fast_writer(digest)
+        except BaseException:
+            await slow.abort()
+            raise
+        return slow if fast is None else _BothWriter(digest, fast, slow)
 
     async def put_bytes(self, digest: Digest, data: bytes) -> None:
         # Slow first, like _BothWriter.commit: the fast store never holds a blob the slow one
         # refused. (Concurrently, a fast store without checkpoints would store it regardless,
         # and errors would surface wrapped in an ExceptionGroup instead of their own status.)
         await self.slow.put_bytes(digest, data)
-        await self.fast.put_bytes(digest, data)
+        try:
+            await self.fast.put_bytes(digest, data)
+        except ResourceExhausted:
+            pass
+
+    def max_blob_bytes(self) -> int | None:
+        return self.slow.max_blob_bytes()
+
+    async def local_files(self, digests: Sequence[Digest]) -> dict[Digest, str]:
+        found = await self.fast.local_files(digests)
+        rest = [d for d in digests if d not in found]
+        return found | (await self.slow.local_files(rest) if rest else {})
+
+    async def adopt_file(self, digest: Digest, path: str) -> bool:
+        """The slow store first (the source of truth); the fast one only caches it if it can."""
+        if not await self.slow.adopt_file(digest, path):
+            return False
+        try:
+            await self.fast.adopt_file(digest, path)
+        except ResourceExhausted:
+            pass
+        return True
+
+    async def discard_if_same_file(self, digest: Digest, st_dev: int, st_ino: int) -> bool:
+        fast = await self.fast.discard_if_same_file(digest, st_dev, st_ino)
+        slow = await self.slow.discard_if_same_file(digest, st_dev, st_ino)
+        return fast or slow
+
+    @contextmanager
+    def _hold_both(self, digests: Sequence[Digest]) -> Iterator[None]:
+        with self.fast.hold(digests), self.slow.hold(digests):
+            yield
+
+    def hold(self, digests: Sequence[Digest]) -> AbstractContextManager[None]:
+        return self._hold_both(digests)
 
     async def aclose(self) -> None:
         await self.fast.aclose()

@@ -6,7 +6,10 @@ Layout under `root`:
 A blob becomes visible only by rename(2) of a complete temp file, so a crash (even SIGKILL)
 never leaves a partial blob under blobs/. On start the index is rebuilt from file names and
 sizes alone (no content is read); files whose size disagrees with their name are removed.
-Least recently used blobs are evicted beyond `max_bytes`; blobs being read are pinned.
+Least recently used blobs are evicted beyond `max_bytes`; blobs being read or held by an
+in-flight action are pinned. Open writers reserve their declared size against `max_bytes`
+(released on commit or abort), and no blob larger than `max_blob_bytes` is accepted, so neither
+one huge blob nor many partial uploads can push everything else out.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -28,6 +31,7 @@ from reexec.cas.digest import (
     DigestFunction,
     hex_length,
     is_empty,
+    new_hasher,
 )
 from reexec.cas.lru import LruIndex
 from reexec.cas.store import (
@@ -36,10 +40,11 @@ from reexec.cas.store import (
     BlobReader,
     BytesReader,
     Store,
+    check_blob_size,
     check_offset,
     dedupe,
 )
-from reexec.errors import InvalidArgument
+from reexec.errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,12 @@ _LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 class FilesystemStore(Store):
     def __init__(
-        self, root: str | os.PathLike[str], max_bytes: int, *, fsync: bool = False
+        self,
+        root: str | os.PathLike[str],
+        max_bytes: int,
+        *,
+        fsync: bool = False,
+        max_blob_bytes: int | None = None,
     ) -> None:
         self.root = Path(root)
         self._blobs_dir = self.root / "blobs"
@@ -64,6 +74,9 @@ class FilesystemStore(Store):
         self._tmp_dir = self.root / "tmp"
         self._fsync = fsync
         self._lru: LruIndex[Digest] = LruIndex(max_bytes)
+        # A blob may take at most this much (never more than the whole store).
+        limits = [n for n in (max_blob_bytes, max_bytes) if n is not None and n > 0]
+        self._max_blob = min(limits) if limits else None
         # Renames into blobs/ and unlinks of evicted blobs are serialised so an eviction's
         # unlink can never remove a file that a concurrent upload just renamed into place.
         self._mutate = trio.Lock()
@@ -138,6 +151,9 @@ class FilesystemStore(Store):
         return f"{self._blobs_str}/{d.function.name.lower()}/{d.hash[:2]}/{d.hash}-{d.size}"
 
     # -- Store ------------------------------------------------------------------------------
+
+    def max_blob_bytes(self) -> int | None:
+        return self._max_blob
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         touch = self._lru.touch
@@ -214,7 +230,23 @@ class FilesystemStore(Store):
             self._forgotten += 1
 
     async def open_write(self, digest: Digest) -> _FileWriter:
-        fd, path = await trio.to_thread.run_sync(self._create_temp)
+        check_blob_size(digest, self._max_blob)
+        if not self._lru.try_reserve(digest.size):
+            raise ResourceExhausted(
+                f"blob {digest.blob_path}: uploads in progress already reserve "
+                f"{self._lru.reserved_bytes} of this CAS's {self._lru.max_bytes} bytes; retry later"
+            )
+        try:
+            if self._lru.over_capacity():
+                async with self._mutate:
+                    # Make room for the reservation now, not at commit: partial uploads count.
+                    victims = self._lru.take_evictions()
+                    if victims:
+                        await trio.to_thread.run_sync(self._unlink_all, victims)
+            fd, path = await trio.to_thread.run_sync(self._create_temp)
+        except BaseException:
+            self._lru.release(digest.size)
+            raise
         return _FileWriter(self, digest, fd, path)
 
     def _create_temp(self) -> tuple[int, str]:
@@ -223,6 +255,7 @@ class FilesystemStore(Store):
         return fd, path
 
     async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        check_blob_size(digest, self._max_blob)
         if len(data) != digest.size:
             raise InvalidArgument(
                 f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
@@ -259,6 +292,10 @@ class FilesystemStore(Store):
         except FileNotFoundError:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
+        if self._fsync:
+            # The rename lives in the directory: without this a power loss can lose the blob
+            # that was already reported stored.
+            _fsync_dir(final.parent)
 
     async def _add(self, digest: Digest) -> None:
         """Record a just-installed blob and evict what no longer fits. Caller holds _mutate."""
@@ -271,19 +308,22 @@ class FilesystemStore(Store):
         for d in digests:
             _remove_quietly(self.blob_path(d))
 
-    async def link_in(self, digest: Digest, source: str | os.PathLike[str]) -> None:
-        """Add a blob from a file the caller vouches matches `digest` (a worker's output).
+    async def local_files(self, digests: Sequence[Digest]) -> dict[Digest, str]:
+        touch = self._lru.touch
+        return {d: self.blob_path_str(d) for d in dedupe(digests) if not is_empty(d) and touch(d)}
 
-        The file is hardlinked when it is read-only (0444) and on this file system, so the
-        bytes are never copied; otherwise it is copied.
-        """
+    async def adopt_file(self, digest: Digest, path: str) -> bool:
+        """Hardlink (when read-only and on this file system; else copy) into tmp/, hash what
+        was linked, then install it. The hash is of the very inode that becomes the blob."""
+        check_blob_size(digest, self._max_blob)
         if is_empty(digest) or self._lru.touch(digest):
-            return
+            return True
         async with self._mutate:
-            await trio.to_thread.run_sync(self._link_in, digest, os.fspath(source))
+            await trio.to_thread.run_sync(self._adopt_sync, digest, os.fspath(path))
             await self._add(digest)
+        return True
 
-    def _link_in(self, digest: Digest, source: str) -> None:
+    def _adopt_sync(self, digest: Digest, source: str) -> None:
         tmp = str(self._tmp_dir / uuid.uuid4().hex)
         try:
             if os.stat(source).st_mode & 0o7777 != 0o444:
@@ -293,12 +333,17 @@ class FilesystemStore(Store):
             shutil.copyfile(source, tmp)
             os.chmod(tmp, 0o444)
         try:
-            if os.stat(tmp).st_size != digest.size:
-                raise InvalidArgument(f"{source} is not {digest.size} bytes long")
+            if not _file_matches(tmp, digest):
+                raise InvalidArgument(
+                    f"{source} does not hold {digest.blob_path}: its size or hash differs"
+                )
             self._install(tmp, digest)
         except BaseException:
             _remove_quietly(tmp)
             raise
+
+    def hold(self, digests: Sequence[Digest]) -> AbstractContextManager[None]:
+        return self._lru.pinned(d for d in digests if not is_empty(d))
 
     async def discard_if_same_file(self, digest: Digest, st_dev: int, st_ino: int) -> bool:
         """Remove the blob if its file is this inode (a co-located worker, which hardlinked it,
@@ -325,6 +370,7 @@ class FilesystemStore(Store):
             "blobs": len(self._lru),
             "bytes": self._lru.total_bytes,
             "max_bytes": self._lru.max_bytes,
+            "reserved_bytes": self._lru.reserved_bytes,
             "evictions": self._lru.evictions,
             "forgotten": self._forgotten,
         }
@@ -347,6 +393,11 @@ class _FileWriter:
         self._fd: int | None = fd
         self._path = path
         self._buf = bytearray()
+        self._reserved = digest.size  # released exactly once, on commit or abort
+
+    def _release(self) -> None:
+        self._store._lru.release(self._reserved)
+        self._reserved = 0
 
     async def write(self, data: bytes) -> None:
         if self._fd is None:
@@ -379,6 +430,8 @@ class _FileWriter:
             # fd with the writer, so abort() can still close it and remove the temp file.
             fd, self._fd = self._fd, None
             assert fd is not None
+            # The bytes move from reserved to stored (in _add) without leaving the count.
+            self._release()
             if store._lru.touch(self.digest):
                 await trio.to_thread.run_sync(_close_and_remove, fd, self._path)
                 return
@@ -399,6 +452,7 @@ class _FileWriter:
     async def abort(self) -> None:
         fd, self._fd = self._fd, None
         self._buf = bytearray()
+        self._release()
         if fd is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_close_and_remove, fd, self._path)
@@ -416,6 +470,24 @@ def _close_and_remove(fd: int, path: str) -> None:
         os.close(fd)
     finally:
         _remove_quietly(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_matches(path: str, digest: Digest) -> bool:
+    h = new_hasher(digest.function)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(READ_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size == digest.size and h.hexdigest() == digest.hash
 
 
 def _remove_quietly(path: str | os.PathLike[str]) -> None:

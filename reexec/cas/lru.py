@@ -1,13 +1,17 @@
 """A byte-bounded LRU index with pinning, shared by the stores.
 
 Pure bookkeeping: it never touches data. Stores call `add`/`touch` and delete whatever
-`take_evictions` returns. Pinned keys (blobs being read) are never returned for eviction.
+`take_evictions` returns. Pinned keys (blobs being read, or held by an in-flight action) are
+never returned for eviction; a key may be pinned before it is added, so a blob an action is
+about to write is protected from the moment it lands. Reserved bytes (uploads in progress) count
+against `max_bytes` like stored ones, so partial uploads cannot overfill the store.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -17,6 +21,7 @@ class LruIndex(Generic[K]):
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.total_bytes = 0
+        self.reserved_bytes = 0
         self.evictions = 0
         self._sizes: OrderedDict[K, int] = OrderedDict()
         self._pins: dict[K, int] = {}
@@ -62,16 +67,50 @@ class LruIndex(Generic[K]):
         else:
             del self._pins[key]
 
+    @contextmanager
+    def pinned(self, keys: Iterable[K]) -> Iterator[None]:
+        """Pin each of `keys` (once, duplicates ignored) for the duration of the context."""
+        held = list(dict.fromkeys(keys))
+        for key in held:
+            self.pin(key)
+        try:
+            yield
+        finally:
+            for key in held:
+                self.unpin(key)
+
     def is_pinned(self, key: K) -> bool:
         return key in self._pins
 
+    def try_reserve(self, size: int) -> bool:
+        """Count `size` bytes of an upload in progress against `max_bytes`.
+
+        False (nothing reserved) if uploads in progress already hold so much that `size` more
+        could not fit even in an empty store. The caller evicts with `take_evictions` after a
+        successful reservation and must `release` exactly once.
+        """
+        if self.max_bytes > 0 and self.reserved_bytes + size > self.max_bytes:
+            return False
+        self.reserved_bytes += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.reserved_bytes -= size
+
+    def over_capacity(self, incoming: int = 0) -> bool:
+        """Whether `take_evictions(incoming)` would have anything to do."""
+        used = self.total_bytes + self.reserved_bytes + incoming
+        return self.max_bytes > 0 and used > self.max_bytes
+
     def take_evictions(self, incoming: int = 0) -> list[K]:
-        """Remove and return least recently used unpinned keys until `incoming` more bytes fit."""
-        if self.max_bytes <= 0 or self.total_bytes + incoming <= self.max_bytes:
+        """Remove and return least recently used unpinned keys until `incoming` more bytes fit
+        beside the stored and reserved ones."""
+        extra = incoming + self.reserved_bytes
+        if self.max_bytes <= 0 or self.total_bytes + extra <= self.max_bytes:
             return []
         victims: list[K] = []
         skipped: list[K] = []
-        while self.total_bytes + incoming > self.max_bytes and self._sizes:
+        while self.total_bytes + extra > self.max_bytes and self._sizes:
             key, size = self._sizes.popitem(last=False)
             if key in self._pins:
                 skipped.append(key)

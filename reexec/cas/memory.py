@@ -1,9 +1,13 @@
-"""MemoryStore: blobs in a dict, least recently used evicted beyond `max_bytes`."""
+"""MemoryStore: blobs in a dict, least recently used evicted beyond `max_bytes`.
+
+Open writers buffer in memory, so they reserve their declared size against `max_bytes` until
+they commit or abort. The store keeps no files: it cannot hand out or adopt local files.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 
 from reexec.cas.digest import Digest, is_empty
 from reexec.cas.lru import LruIndex
@@ -12,16 +16,22 @@ from reexec.cas.store import (
     BlobReader,
     BytesReader,
     Store,
+    check_blob_size,
     check_offset,
     dedupe,
 )
-from reexec.errors import InvalidArgument
+from reexec.errors import InvalidArgument, ResourceExhausted
 
 
 class MemoryStore(Store):
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *, max_blob_bytes: int | None = None) -> None:
         self._blobs: dict[Digest, bytes] = {}
         self._lru: LruIndex[Digest] = LruIndex(max_bytes)
+        limits = [n for n in (max_blob_bytes, max_bytes) if n is not None and n > 0]
+        self._max_blob = min(limits) if limits else None
+
+    def max_blob_bytes(self) -> int | None:
+        return self._max_blob
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         blobs = self._blobs
@@ -55,9 +65,17 @@ class MemoryStore(Store):
         return data
 
     async def open_write(self, digest: Digest) -> _MemoryWriter:
+        check_blob_size(digest, self._max_blob)
+        if not self._lru.try_reserve(digest.size):
+            raise ResourceExhausted(
+                f"blob {digest.blob_path}: uploads in progress already reserve "
+                f"{self._lru.reserved_bytes} of this CAS's {self._lru.max_bytes} bytes; retry later"
+            )
+        self._evict()
         return _MemoryWriter(self, digest)
 
     async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        check_blob_size(digest, self._max_blob)
         if len(data) != digest.size:
             raise InvalidArgument(
                 f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
@@ -69,14 +87,21 @@ class MemoryStore(Store):
             return
         if self._lru.add(digest, len(data)):
             self._blobs[digest] = data
-            for victim in self._lru.take_evictions():
-                del self._blobs[victim]
+            self._evict()
+
+    def _evict(self) -> None:
+        for victim in self._lru.take_evictions():
+            del self._blobs[victim]
+
+    def hold(self, digests: Sequence[Digest]) -> AbstractContextManager[None]:
+        return self._lru.pinned(d for d in digests if not is_empty(d))
 
     def stats(self) -> dict[str, int]:
         return {
             "blobs": len(self._blobs),
             "bytes": self._lru.total_bytes,
             "max_bytes": self._lru.max_bytes,
+            "reserved_bytes": self._lru.reserved_bytes,
             "evictions": self._lru.evictions,
         }
 
@@ -87,6 +112,11 @@ class _MemoryWriter:
         self.digest = digest
         self.committed_size = 0
         self._buf = bytearray()
+        self._reserved = digest.size  # released exactly once, on commit or abort
+
+    def _release(self) -> None:
+        self._store._lru.release(self._reserved)
+        self._reserved = 0
 
     async def write(self, data: bytes) -> None:
         if self.committed_size + len(data) > self.digest.size:
@@ -102,8 +132,10 @@ class _MemoryWriter:
                 f"blob {self.digest.blob_path}: got {self.committed_size} bytes, "
                 f"the digest says {self.digest.size}"
             )
+        self._release()
         self._store._insert(self.digest, bytes(self._buf))
         self._buf = bytearray()
 
     async def abort(self) -> None:
+        self._release()
         self._buf = bytearray()

@@ -4,17 +4,25 @@ Modelled on a three-verb blob store (find missing, read, write) with streaming v
 `open_read` yields a reader for ranged, chunked reads of large blobs and `open_write` returns a
 writer that can be fed chunk by chunk (ByteStream uploads, resumable). The empty blob is always
 present in every store.
+
+Besides the verbs, a store declares what it can do for a co-located worker (`reexecd serve`),
+so no caller needs to know which class sits under which decorator:
+- `local_files`: hand out files holding blobs, to hardlink instead of copying;
+- `adopt_file`: take a local file as a blob after proving it matches its digest;
+- `discard_if_same_file`: drop a blob whose very inode a worker found modified;
+- `hold`: keep blobs an in-flight action uses from eviction.
+The defaults say "cannot" (or do nothing); decorators forward or answer for their inner stores.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from typing import Protocol
 
 from reexec.cas.digest import Digest, is_empty
-from reexec.errors import NotFound, OutOfRange
+from reexec.errors import NotFound, OutOfRange, ResourceExhausted
 
 READ_CHUNK = 1 << 20
 
@@ -111,6 +119,34 @@ class Store(abc.ABC):
         """
         return None
 
+    async def local_files(self, digests: Sequence[Digest]) -> dict[Digest, str]:
+        """Files on this host holding exactly the bytes this store serves for some of `digests`.
+
+        A co-located worker hardlinks them instead of copying. Default: none (the store keeps
+        no files; read through `open_read`). The store may evict an entry right after this
+        returns: a hardlink then fails with FileNotFoundError and the caller reads instead.
+        """
+        return {}
+
+    async def adopt_file(self, digest: Digest, path: str) -> bool:
+        """Store the local file `path` as the blob `digest`, once it is proven to match.
+
+        The file is hashed (a mismatch is InvalidArgument, nothing is stored) and taken without
+        copying where possible; the caller must not modify it afterwards. Returns False if this
+        store cannot take files: the caller then writes the bytes through `open_write`.
+        """
+        return False
+
+    async def discard_if_same_file(self, digest: Digest, st_dev: int, st_ino: int) -> bool:
+        """Drop `digest` if the store keeps it in that very inode (a worker that hardlinked it
+        found it modified, so the stored copy is corrupt too). Returns whether it was dropped."""
+        return False
+
+    def hold(self, digests: Sequence[Digest]) -> AbstractContextManager[None]:
+        """Keep `digests` from eviction while the context is open, including blobs written
+        during it: an in-flight action's outputs must not evict each other (or its inputs)."""
+        return nullcontext()
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Flush and release resources at shutdown."""
 
@@ -123,6 +159,20 @@ def check_offset(digest: Digest, offset: int) -> None:
         raise OutOfRange(f"read offset {offset} is negative")
     if offset > digest.size:
         raise OutOfRange(f"read offset {offset} is past the end of {digest.blob_path}")
+
+
+def check_blob_size(digest: Digest, limit: int | None) -> None:
+    """RESOURCE_EXHAUSTED if the blob is larger than a store's `max_blob_bytes()`."""
+    if limit is not None and digest.size > limit:
+        raise ResourceExhausted(
+            f"blob {digest.blob_path} is {digest.size} bytes, larger than the {limit} bytes "
+            "this CAS accepts for one blob"
+        )
+
+
+def blob_limit(max_bytes: int, fraction: float) -> int | None:
+    """The largest blob a store of `max_bytes` takes: `fraction` of it (None: unbounded)."""
+    return int(max_bytes * fraction) if max_bytes > 0 else None
 
 
 def dedupe(digests: Sequence[Digest]) -> list[Digest]:

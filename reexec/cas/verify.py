@@ -1,12 +1,14 @@
 """VerifyingStore: every write is hashed and sized against its digest before it is stored.
 
-A mismatch is INVALID_ARGUMENT and the inner write is aborted, so nothing is stored.
+A mismatch is INVALID_ARGUMENT and the inner write is aborted, so nothing is stored. Files a
+worker hands over (`adopt_file`) are hashed by the inner store that takes them, on the very
+inode it keeps, so that capability and the others are forwarded unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 
 import trio
 
@@ -57,6 +59,21 @@ class VerifyingStore(Store):
         if actual != digest.hash:
             raise _mismatch(digest, actual)
         await self.inner.put_bytes(digest, data)
+
+    def max_blob_bytes(self) -> int | None:
+        return self.inner.max_blob_bytes()
+
+    async def local_files(self, digests: Sequence[Digest]) -> dict[Digest, str]:
+        return await self.inner.local_files(digests)
+
+    async def adopt_file(self, digest: Digest, path: str) -> bool:
+        return await self.inner.adopt_file(digest, path)
+
+    async def discard_if_same_file(self, digest: Digest, st_dev: int, st_ino: int) -> bool:
+        return await self.inner.discard_if_same_file(digest, st_dev, st_ino)
+
+    def hold(self, digests: Sequence[Digest]) -> AbstractContextManager[None]:
+        return self.inner.hold(digests)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

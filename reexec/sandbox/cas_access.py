@@ -1,9 +1,12 @@
 """How a worker reaches the CAS: over gRPC (a remote scheduler host) or in process (all-in-one).
 
 Both offer the same small interface, used by the local cache to fetch inputs and by output
-collection to upload results. The in-process variant hardlinks between the server's filesystem
-store and the worker's cache when they share a file system, so inputs and outputs are never
-copied.
+collection to upload results. The in-process variant uses the store's own capabilities
+(`Store.local_files`, `adopt_file`, `discard_if_same_file`, `hold`): with a filesystem store on
+the same file system, inputs and outputs are hardlinked, never copied, and outputs are hashed by
+the store before they become blobs. Failures reaching the CAS surface as ReexecErrors: a missing
+blob as BlobNotFound, an unreachable CAS as Unavailable (worth retrying elsewhere), a refused
+blob as ResourceExhausted.
 """
 
 from __future__ import annotations
@@ -11,23 +14,28 @@ from __future__ import annotations
 import abc
 import logging
 import os
+import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import trio
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from reexec import fastpb
 from reexec.cas.digest import Digest, is_empty, new_hasher
-from reexec.cas.fast_slow import FastSlowStore
-from reexec.cas.filesystem import FilesystemStore
 from reexec.cas.resource import ResourceName
 from reexec.cas.store import READ_CHUNK, BlobNotFound, Store
-from reexec.cas.verify import VerifyingStore
-from reexec.errors import Internal, InvalidArgument
+from reexec.errors import (
+    Internal,
+    InvalidArgument,
+    ReexecError,
+    ResourceExhausted,
+    Unavailable,
+)
 from reexec.grpc_client import aio, open_stream, unary
 from reexec.rpc import WORKER_HEADER
 
@@ -68,18 +76,13 @@ class CasAccess(abc.ABC):
         drop those blobs; a remote CAS has its own copies and ignores this.
         """
 
+    def max_blob_bytes(self) -> int | None:
+        """The largest blob the CAS accepts, if known (outputs beyond it fail the action early)."""
+        return None
 
-def _unwrap_filesystem(store: Store) -> FilesystemStore | None:
-    """The filesystem store that holds committed blobs, if the tree has one in front."""
-    while True:
-        if isinstance(store, FilesystemStore):
-            return store
-        if isinstance(store, VerifyingStore):
-            store = store.inner
-        elif isinstance(store, FastSlowStore):
-            store = store.slow
-        else:
-            return None
+    def hold(self, digests: Sequence[Digest]) -> AbstractContextManager[None]:
+        """Keep these blobs from eviction in the CAS while an action uses them (if it can)."""
+        return nullcontext()
 
 
 class LocalStoreAccess(CasAccess):
@@ -87,29 +90,32 @@ class LocalStoreAccess(CasAccess):
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.fs = _unwrap_filesystem(store)
         self.links = 0
         self.copies = 0
         self.discarded = 0
+
+    def max_blob_bytes(self) -> int | None:
+        return self.store.max_blob_bytes()
+
+    def hold(self, digests: Sequence[Digest]) -> AbstractContextManager[None]:
+        return self.store.hold(digests)
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         return await self.store.find_missing(digests)
 
     async def local_sources(self, digests: Sequence[Digest]) -> dict[Digest, str]:
-        if self.fs is None:
-            return {}
-        absent = set(await self.fs.find_missing(digests))
-        present = [d for d in digests if d not in absent]
-        self.links += len(present)
-        return {d: self.fs.blob_path_str(d) for d in present}
+        found = await self.store.local_files(digests)
+        self.links += len(found)
+        return found
 
     async def read_small(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         return {d: await self.store.get_bytes(d) for d in digests}
 
     async def fetch_to(self, digest: Digest, path: Path) -> None:
-        if self.fs is not None and not is_empty(digest) and await self.fs.has(digest):
+        source = None if is_empty(digest) else (await self.store.local_files([digest])).get(digest)
+        if source is not None:
             try:
-                await trio.to_thread.run_sync(os.link, self.fs.blob_path(digest), path)
+                await trio.to_thread.run_sync(os.link, source, path)
                 self.links += 1
                 return
             except FileNotFoundError:
@@ -126,10 +132,8 @@ class LocalStoreAccess(CasAccess):
                 f.close()
 
     async def discard_modified(self, files: Sequence[tuple[Digest, int, int]]) -> None:
-        if self.fs is None:
-            return
         for digest, dev, ino in files:
-            if await self.fs.discard_if_same_file(digest, dev, ino):
+            if await self.store.discard_if_same_file(digest, dev, ino):
                 self.discarded += 1
                 log.warning(
                     "dropped %s from the CAS: an action modified the worker's hardlink to it",
@@ -142,10 +146,8 @@ class LocalStoreAccess(CasAccess):
             source = blobs[digest]
             if isinstance(source, bytes):
                 await self.store.put_bytes(digest, source)
-            elif self.fs is not None:
-                # The worker hashed this file itself: the bottom filesystem store takes it by
-                # hardlink, without the copy and re-hash a VerifyingStore in front would do.
-                await self.fs.link_in(digest, source)
+            elif await self.store.adopt_file(digest, os.fspath(source)):
+                pass  # taken (hashed, then hardlinked where it could be) by the store itself
             else:
                 writer = await self.store.open_write(digest)
                 try:
@@ -176,7 +178,8 @@ class GrpcAccess(CasAccess):
         self, method: str, request: fastpb.Message, response_type: type
     ) -> fastpb.Message:
         path = f"/build.bazel.remote.execution.v2.ContentAddressableStorage/{method}"
-        return await unary(self.channel, path, request, response_type, metadata=self.metadata)
+        with _cas_errors(method):
+            return await unary(self.channel, path, request, response_type, metadata=self.metadata)
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         if not digests:
@@ -200,10 +203,12 @@ class GrpcAccess(CasAccess):
             by_key = {(d.hash, d.size): d for d in batch}
             for r in resp.responses:
                 d = by_key[(r.digest.hash, r.digest.size_bytes)]
-                if r.status.code == 5:
+                if r.status.code == Status.NOT_FOUND.value:
                     raise BlobNotFound(d)
                 if r.status.code:
-                    raise Internal(f"BatchReadBlobs of {d.blob_path}: {r.status.message}")
+                    raise _from_status(
+                        r.status.code, f"BatchReadBlobs of {d.blob_path}: {r.status.message}"
+                    )
                 _verify(d, r.data)
                 out[d] = r.data
         return out
@@ -230,7 +235,9 @@ class GrpcAccess(CasAccess):
         except GRPCError as e:
             if e.status is Status.NOT_FOUND:
                 raise BlobNotFound(digest) from None
-            raise
+            raise _from_status(e.status.value, f"reading {digest.blob_path}: {e.message}") from None
+        except _UNREACHABLE as e:
+            raise Unavailable(f"reading {digest.blob_path} from the CAS: {e}") from None
         finally:
             f.close()
         if size != digest.size or hasher.hexdigest() != digest.hash:
@@ -255,8 +262,9 @@ class GrpcAccess(CasAccess):
             resp = await self._unary("BatchUpdateBlobs", req, fastpb.BatchUpdateBlobsResponse)
             for r in resp.responses:
                 if r.status.code:
-                    raise Internal(
-                        f"upload of {r.digest.hash}/{r.digest.size_bytes}: {r.status.message}"
+                    raise _from_status(
+                        r.status.code,
+                        f"upload of {r.digest.hash}/{r.digest.size_bytes}: {r.status.message}",
                     )
         for d in missing:
             if d.size > SMALL_BLOB:
@@ -266,36 +274,81 @@ class GrpcAccess(CasAccess):
         name = ResourceName(self.instance, digest, upload_id=str(uuid.uuid4())).format()
         f = None if isinstance(source, bytes) else await trio.to_thread.run_sync(open, source, "rb")
         try:
-            async with open_stream(
-                self.channel,
-                "/google.bytestream.ByteStream/Write",
-                Cardinality.STREAM_UNARY,
-                fastpb.WriteRequest,
-                fastpb.WriteResponse,
-                metadata=self.metadata,
-            ) as stream:
-                offset = 0
-                while True:
-                    if f is None:
-                        assert isinstance(source, bytes)
-                        chunk = source[offset : offset + READ_CHUNK]
-                    else:
-                        chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
-                    last = offset + len(chunk) >= digest.size
-                    request = fastpb.WriteRequest(
-                        resource_name=name if offset == 0 else "",
-                        write_offset=offset,
-                        data=chunk,
-                        finish_write=last,
-                    )
-                    await aio(stream.send_message, request, end=last)
-                    offset += len(chunk)
-                    if last:
-                        break
-                await aio(stream.recv_message)
+            with _cas_errors(f"ByteStream.Write of {digest.blob_path}"):
+                async with open_stream(
+                    self.channel,
+                    "/google.bytestream.ByteStream/Write",
+                    Cardinality.STREAM_UNARY,
+                    fastpb.WriteRequest,
+                    fastpb.WriteResponse,
+                    metadata=self.metadata,
+                ) as stream:
+                    offset = 0
+                    while True:
+                        if f is None:
+                            assert isinstance(source, bytes)
+                            chunk = source[offset : offset + READ_CHUNK]
+                        else:
+                            chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
+                        _check_chunk(source, digest, offset, chunk)
+                        last = offset + len(chunk) >= digest.size
+                        request = fastpb.WriteRequest(
+                            resource_name=name if offset == 0 else "",
+                            write_offset=offset,
+                            data=chunk,
+                            finish_write=last,
+                        )
+                        await aio(stream.send_message, request, end=last)
+                        offset += len(chunk)
+                        if last:
+                            break
+                    await aio(stream.recv_message)
         finally:
             if f is not None:
                 f.close()
+
+
+def _check_chunk(source: Path | bytes, digest: Digest, offset: int, chunk: bytes) -> None:
+    """Fail at once if the file no longer has the size it was hashed with: an empty read before
+    the end would otherwise loop until the upload timeout."""
+    what = "the output" if isinstance(source, bytes) else f"output file {str(source)!r}"
+    if not chunk and offset < digest.size:
+        raise Internal(
+            f"{what} shrank to {offset} bytes while it was uploaded as {digest.blob_path} "
+            f"({digest.size} bytes when hashed)"
+        )
+    if offset + len(chunk) > digest.size:
+        raise Internal(
+            f"{what} grew past the {digest.size} bytes it had when hashed, while it was "
+            f"uploaded as {digest.blob_path}"
+        )
+
+
+# What a lost or refused connection raises (not local disk errors, which are OSErrors too).
+_UNREACHABLE = (ConnectionError, StreamTerminatedError, TimeoutError, socket.gaierror)
+
+_STATUS_ERRORS: dict[int, type[ReexecError]] = {
+    Status.UNAVAILABLE.value: Unavailable,
+    Status.RESOURCE_EXHAUSTED.value: ResourceExhausted,
+    Status.INVALID_ARGUMENT.value: InvalidArgument,
+}
+
+
+def _from_status(code: int, message: str) -> ReexecError:
+    """The ReexecError for a status the CAS answered (unknown ones are Internal)."""
+    return _STATUS_ERRORS.get(code, Internal)(message)
+
+
+@contextmanager
+def _cas_errors(what: str) -> Iterator[None]:
+    """gRPC failures as ReexecErrors: the executor tells infrastructure trouble (Unavailable:
+    retry elsewhere) from final errors by class, never by grpclib's exception types."""
+    try:
+        yield
+    except GRPCError as e:
+        raise _from_status(e.status.value, f"{what}: {e.message or e.status.name}") from None
+    except _UNREACHABLE as e:
+        raise Unavailable(f"{what}: the CAS is unreachable: {e}") from None
 
 
 def _hash_and_write(hasher, f, data: bytes) -> None:  # type: ignore[no-untyped-def]

@@ -27,7 +27,13 @@ async def test_eviction_in_lru_order() -> None:
     await store.put_bytes(ds[1], blob(100, 1))
     assert await store.find_missing(ds) == [ds[0]]
     stats = store.stats()
-    assert stats == {"blobs": 3, "bytes": 300, "max_bytes": 300, "evictions": 2}
+    assert stats == {
+        "blobs": 3,
+        "bytes": 300,
+        "max_bytes": 300,
+        "reserved_bytes": 0,
+        "evictions": 2,
+    }
 
 
 async def test_streaming_write_counts_towards_eviction() -> None:
