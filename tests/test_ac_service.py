@@ -221,3 +221,71 @@ async def test_configured_instances_and_read_only_ac(aio_loop, tmp_path, nursery
         assert e.value.status is Status.PERMISSION_DENIED
     finally:
         ch.close()
+
+
+# -- unsafe results (issue 9, item 12) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("result", "field"),
+    [
+        (
+            re.ActionResult(
+                output_files=[re.OutputFile(path="../../etc/passwd", digest=sha(b"output"))]
+            ),
+            "action_result.output_files[0].path",
+        ),
+        (
+            re.ActionResult(
+                output_files=[re.OutputFile(path="/etc/passwd", digest=sha(b"output"))]
+            ),
+            "action_result.output_files[0].path",
+        ),
+        (
+            re.ActionResult(output_directories=[re.OutputDirectory(path="a/../../b")]),
+            "action_result.output_directories[0].path",
+        ),
+        (
+            re.ActionResult(output_symlinks=[re.OutputSymlink(path="l", target="../../x")]),
+            "action_result.output_symlinks[0].target",
+        ),
+        (
+            re.ActionResult(
+                output_file_symlinks=[re.OutputSymlink(path="l", target="/etc/passwd")]
+            ),
+            "action_result.output_file_symlinks[0].target",
+        ),
+        (
+            re.ActionResult(output_directory_symlinks=[re.OutputSymlink(path="../l", target="x")]),
+            "action_result.output_directory_symlinks[0].path",
+        ),
+    ],
+)
+async def test_update_with_unsafe_paths_is_invalid_argument(ac, cas, result, field):
+    await upload(cas, b"output")
+    with pytest.raises(GRPCError) as e:
+        await call(
+            ac.update_action_result,
+            re.UpdateActionResultRequest(action_digest=ACTION, action_result=result),
+        )
+    assert e.value.status is Status.INVALID_ARGUMENT
+    assert field in e.value.message
+    with pytest.raises(GRPCError) as e:
+        await call(ac.get_action_result, re.GetActionResultRequest(action_digest=ACTION))
+    assert e.value.status is Status.NOT_FOUND
+
+
+async def test_update_with_unsafe_names_inside_a_tree_is_invalid_argument(ac, cas):
+    tree = re.Tree(root=re.Directory(files=[re.FileNode(name="..", digest=sha(b"output"))]))
+    await upload(cas, b"output", bytes(tree))
+    result = re.ActionResult(
+        output_directories=[re.OutputDirectory(path="out", tree_digest=sha(bytes(tree)))]
+    )
+    with pytest.raises(GRPCError) as e:
+        await call(
+            ac.update_action_result,
+            re.UpdateActionResultRequest(action_digest=ACTION, action_result=result),
+        )
+    assert e.value.status is Status.INVALID_ARGUMENT
+    assert "output_directories[0].tree_digest" in e.value.message
+    assert "invalid name '..'" in e.value.message

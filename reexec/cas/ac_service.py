@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import trio
 from google.protobuf.message import DecodeError
 
 from reexec import fastpb
 from reexec.cas.action_cache import ActionCache, ActionKey
 from reexec.cas.completeness import missing_references
 from reexec.cas.digest import DigestFunction, make_digest
+from reexec.cas.result_paths import check_action_result, check_tree
 from reexec.cas.store import BlobNotFound, Store
 from reexec.errors import InvalidArgument, NotFound, PermissionDenied, missing_blobs_error
 from reexec.rpc import Service, Stream, check_instance, unary
 
 log = logging.getLogger(__name__)
+
+# Tree blobs larger than this are parsed and checked in a worker thread.
+_THREAD_TREE_BYTES = 256 * 1024
 
 
 class ActionCacheService(Service):
@@ -29,12 +34,16 @@ class ActionCacheService(Service):
         instances: Sequence[str] = (),
         max_inline_bytes: int = 1 << 20,
         allow_updates: bool = True,
+        allow_absolute_symlinks: bool = False,
     ) -> None:
+        """`allow_absolute_symlinks` must match what Capabilities advertises
+        (symlink_absolute_path_strategy)."""
         self.ac = ac
         self.cas = cas
         self.instances = tuple(instances)
         self.max_inline_bytes = max_inline_bytes
         self.allow_updates = allow_updates
+        self.allow_absolute_symlinks = allow_absolute_symlinks
         self.hits = 0
         self.misses = 0
 
@@ -95,6 +104,8 @@ class ActionCacheService(Service):
         d = request.action_digest
         digest = make_digest(d.hash, d.size_bytes, request.digest_function)
         result = request.action_result
+        # Clients that hit this entry create its outputs: paths must be as safe as our worker's.
+        check_action_result(result, allow_absolute_symlinks=self.allow_absolute_symlinks)
         try:
             missing = await missing_references(result, digest.function, self.cas)
         except DecodeError:
@@ -105,5 +116,31 @@ class ActionCacheService(Service):
             raise missing_blobs_error(
                 f"UpdateActionResult for {digest.blob_path}", [m.blob_path for m in missing]
             )
+        await self._check_trees(result, digest.function)
         await self.ac.put(ActionKey(request.instance_name, digest), result.SerializeToString())
         return result
+
+    async def _check_trees(self, result: fastpb.Message, function: DigestFunction) -> None:
+        """Names and symlink targets inside each output directory's Tree (present: checked by
+        `missing_references` just before)."""
+        for i, d in enumerate(result.output_directories):
+            if not d.HasField("tree_digest") or not d.tree_digest.hash:
+                continue
+            tree_digest = make_digest(d.tree_digest.hash, d.tree_digest.size_bytes, int(function))
+            try:
+                raw = await self.cas.get_bytes(tree_digest)
+            except BlobNotFound:
+                raise missing_blobs_error("UpdateActionResult", [tree_digest.blob_path]) from None
+            field = f"action_result.output_directories[{i}].tree_digest"
+
+            def check(raw: bytes = raw, path: str = d.path, field: str = field) -> None:
+                try:
+                    tree = fastpb.Tree.FromString(raw)
+                except DecodeError:
+                    raise InvalidArgument(f"{field} is not a valid Tree") from None
+                check_tree(tree, path, field, allow_absolute_symlinks=self.allow_absolute_symlinks)
+
+            if len(raw) > _THREAD_TREE_BYTES:
+                await trio.to_thread.run_sync(check)
+            else:
+                check()
