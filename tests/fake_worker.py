@@ -14,6 +14,7 @@ import trio
 import trio_asyncio
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from reexec import fastpb
 from reexec.gen.build.bazel.remote.execution import v2 as re
@@ -163,6 +164,8 @@ class FakeWorker:
         self._send, self._receive = trio.open_memory_channel[Any](math.inf)
         self.closed = trio.Event()
         self.registered: Any = None
+        # How the scheduler ended the stream when it dropped us (None: ended normally).
+        self.ended_with: BaseException | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._cm = self.channel.request(
@@ -192,6 +195,10 @@ class FakeWorker:
                     self._send.send_nowait(m.start_execute)
                 elif kind == "cancel_execute":
                     self.cancels.append(m.cancel_execute)
+        except (GRPCError, StreamTerminatedError) as e:
+            # A dropped worker's stream ends with UNAVAILABLE in the trailers, followed by a
+            # reset; grpclib reports whichever it sees first.
+            self.ended_with = e
         finally:
             self.closed.set()
 

@@ -108,10 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         trio.run(main_fn)
-    except ConfigError as e:
-        print(f"reexecd: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"reexecd: {e}", file=sys.stderr)
-        return 1
+    except BaseException as e:
+        # A start-up error raised inside the nursery tree arrives wrapped in exception groups.
+        cause = _start_up_error(e)
+        if cause is None:
+            raise
+        print(f"reexecd: {cause}", file=sys.stderr)
+        return 2 if isinstance(cause, ConfigError) else 1
     return 0
+
+
+def _start_up_error(e: BaseException) -> ConfigError | OSError | None:
+    """The configuration or OS error behind `e`, if that is all it is."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e if isinstance(e, ConfigError | OSError) else None

@@ -1,14 +1,18 @@
 """The worker agent: one WorkerApi.Connect stream to the scheduler, actions run concurrently.
 
     WorkerAgent.run
-    └─ reconnect loop (exponential backoff)
-       └─ session nursery
-          ├─ receiver: StartExecute -> precondition script -> action task (own cancel scope)
-          │            CancelExecute -> cancel that action's scope
-          ├─ keepalive: Keepalive and a Progress per running action every interval
-          └─ action tasks (max_inflight_tasks): ActionExecutor.execute -> Finished
-Results that finish while the connection is down are sent after the next Register. `drain`
-sends GoingAway, lets running actions finish (up to the drain timeout), then stops.
+    └─ actions nursery (outlives connections: an action keeps running while we reconnect)
+       ├─ _drain_when_asked      the scheduler's Drain request -> drain()
+       ├─ action tasks           ActionExecutor.execute -> Finished, each in its own cancel
+       │                         scope (CancelExecute, drain timeout)
+       └─ _stay_connected        reconnect loop with exponential backoff
+          └─ session nursery     one per connection
+             ├─ _keepalive       Keepalive and a Progress per running action every interval
+             └─ _receive         StartExecute -> precondition script -> start an action task
+
+A result that finishes while the connection is down is dropped: the scheduler requeued that
+attempt when the connection ended, and on Register it cancels what the worker still runs.
+`drain` sends GoingAway, lets running actions finish (up to the drain timeout), then stops.
 """
 
 from __future__ import annotations
@@ -61,16 +65,17 @@ class WorkerAgent:
         self.executor = executor
         self.channel_factory = channel_factory
         self.running: dict[tuple[str, int], _Running] = {}
-        self._unsent: list[fastpb.Message] = []
         self._stream = None
         self._send_lock = trio.Lock()
         self._going_away = False
+        self._drain_asked = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
         self.connected = trio.Event()
         self.stopped = trio.Event()
         self.completed = 0
         self.declined = 0
+        self.sessions = 0
 
     @property
     def draining(self) -> bool:
@@ -83,28 +88,37 @@ class WorkerAgent:
         await self.executor.start()
         task_status.started()
         try:
-            await self._run()
+            async with trio.open_nursery() as actions:
+                actions.start_soon(self._drain_when_asked)
+                await self._stay_connected(actions)
+                actions.cancel_scope.cancel()
         finally:
             self.stopped.set()
 
-    async def _run(self) -> None:
-        async with trio.open_nursery() as actions:
-            self._actions = actions
-            delay = 0.2
-            while not (self._going_away and not self.running):
-                try:
-                    await self._session()
-                    delay = 0.2
-                except Exception as e:
-                    log.warning("scheduler connection failed: %s; retrying in %.1fs", e, delay)
-                self.connected = trio.Event()
-                if self._going_away and not self.running:
-                    break
-                await trio.sleep(delay)
-                delay = min(delay * 2, self.settings.reconnect_max_s)
+    async def _drain_when_asked(self) -> None:
+        await self._drain_asked.wait()
+        await self.drain()
+
+    async def _stay_connected(self, actions: trio.Nursery) -> None:
+        delay = 0.2
+        while not (self._going_away and not self.running):
+            try:
+                await self._session(actions)
+                delay = 0.2
+            except Exception as e:
+                log.warning("scheduler connection failed: %s; retrying in %.1fs", e, delay)
+            self.connected = trio.Event()
+            if self._going_away and not self.running:
+                break
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.settings.reconnect_max_s)
 
     async def drain(self) -> None:
         """GoingAway: no new work; wait for running actions up to the drain timeout."""
+        if self._going_away:  # already draining (asked by the scheduler and by a signal)
+            with trio.move_on_after(self.settings.drain_timeout_s + 30):
+                await self.stopped.wait()
+            return
         self._going_away = True
         await self._send_going_away()
         log.info("draining: %d action(s) running", len(self.running))
@@ -139,7 +153,7 @@ class WorkerAgent:
 
     # -- the connection -------------------------------------------------------------------------
 
-    async def _session(self) -> None:
+    async def _session(self, actions: trio.Nursery) -> None:
         channel = await self.channel_factory()
         try:
             async with open_stream(
@@ -158,17 +172,15 @@ class WorkerAgent:
                     raise ConnectionError("the scheduler did not acknowledge Register")
                 interval = hello.registered.keepalive_interval.ToNanoseconds() / 1e9 or 1.0
                 self._stream = stream
+                self.sessions += 1
                 log.info("connected to the scheduler as %s", self.settings.worker_id)
                 self.connected.set()
                 try:
                     if self._going_away:
                         await self._send_going_away()
-                    pending, self._unsent = self._unsent, []
-                    for m in pending:
-                        await self._send(m)
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keepalive, interval)
-                        await self._receive(stream)
+                        await self._receive(stream, actions)
                         nursery.cancel_scope.cancel()
                 finally:
                     self._stream = None
@@ -202,15 +214,14 @@ class WorkerAgent:
         except Exception:
             pass
 
-    async def _receive(self, stream) -> None:  # type: ignore[no-untyped-def]
+    async def _receive(self, stream, actions: trio.Nursery) -> None:  # type: ignore[no-untyped-def]
         while (msg := await aio(stream.recv_message)) is not None:
             kind = msg.WhichOneof("kind")
             if kind == "start_execute":
-                await self._accept(msg.start_execute)
+                await self._accept(msg.start_execute, actions)
             elif kind == "drain":
                 log.info("the scheduler asks this worker to drain: %s", msg.drain.reason)
-                if not self._going_away:
-                    self._actions.start_soon(self.drain)
+                self._drain_asked.set()
             elif kind == "cancel_execute":
                 c = msg.cancel_execute
                 for (name, attempt), r in list(self.running.items()):
@@ -220,7 +231,7 @@ class WorkerAgent:
         if not self._going_away:
             raise ConnectionError("the scheduler closed the stream")
 
-    async def _accept(self, start: fastpb.Message) -> None:
+    async def _accept(self, start: fastpb.Message, actions: trio.Nursery) -> None:
         key = (start.operation_name, start.attempt)
         if key in self.running:
             return
@@ -240,7 +251,7 @@ class WorkerAgent:
             return
         r = self.running[key] = _Running(start.operation_name, start.attempt)
         self._idle = trio.Event()
-        self._actions.start_soon(self._execute, start, r)
+        actions.start_soon(self._execute, start, r)
 
     async def _precondition(self) -> str | None:
         script = self.settings.precondition_script
@@ -277,8 +288,9 @@ class WorkerAgent:
             self.completed += 1
             try:
                 await self._send(msg)
-            except Exception:
-                self._unsent.append(msg)
+            except Exception as e:
+                # The scheduler requeued this attempt when the connection ended (see above).
+                log.warning("result of %s attempt %d not delivered: %s", r.name, r.attempt, e)
         finally:
             del self.running[key]
             if not self.running:

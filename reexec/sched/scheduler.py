@@ -1,19 +1,33 @@
 """The scheduler core: applies transitions to operation records and keeps the indexes in step.
 
 Everything that happens to an operation goes through `Scheduler.apply`, which runs the pure
-transition by compare-and-set on the record's version and then updates the derived indexes
-(platform queues, worker slots, timers) and wakes the dispatcher. gRPC handlers, worker streams
-and timers only feed events in and read records out.
+`transition(record, event)` and stores the result, then updates the derived indexes (platform
+queues, worker slots, timers), metrics and logs, and wakes the dispatcher. gRPC handlers,
+worker streams and timers only feed events in and read records out.
+
+How concurrency works today: one scheduler process owns every record. All of this runs on the
+process's Trio thread, and `apply` never awaits between reading a record and storing the next
+one, so transitions are serialised without locks. The record's version is checked on store
+(a failure would be a bug and raises); it becomes a real compare-and-set, with retries, when
+records move to a store shared by several schedulers. The queues, worker slots and timers are
+this process's own indexes, rebuilt from records.
+
+    Scheduler.run
+    └─ nursery
+       ├─ _run_dispatcher      matches queued operations to free workers
+       ├─ _run_monitor         worker keepalive, stuck actions, unwatched actions, expiry
+       └─ _run_cache_checks    one child task per new operation (AC lookup)
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -22,8 +36,9 @@ from reexec.cas.action_cache import ActionCache, ActionKey
 from reexec.cas.digest import Digest, DigestFunction
 from reexec.errors import FailedPrecondition
 from reexec.metrics import EXECUTION_DURATION, QUEUE_WAIT
-from reexec.sched.matching import PropertyModifier, QueueKey, Rule, matches, worker_properties
+from reexec.sched.matching import QueueKey, matches, worker_properties
 from reexec.sched.queue import PlatformQueues
+from reexec.sched.settings import SchedulerSettings
 from reexec.sched.state import (
     CacheChecked,
     Cancel,
@@ -41,24 +56,9 @@ from reexec.sched.state import (
     transition,
 )
 from reexec.sched.store import OperationStore
-from reexec.sched.workers import AllocationStrategy, WorkerState, pick_worker
+from reexec.sched.workers import WorkerState, pick_worker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    rules: Mapping[str, Rule] = field(default_factory=dict)
-    modifiers: Sequence[PropertyModifier] = ()
-    allocation: AllocationStrategy = "least_recently_used"
-    worker_timeout_s: float = 5.0
-    client_action_timeout_s: float = 60.0
-    max_action_executing_timeout_s: float = 0.0
-    retain_completed_for_s: float = 60.0
-    max_job_retries: int = 3
-    max_action_timeout_s: float = 1200.0
-    default_action_timeout_s: float = 600.0
-    decline_pause_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +91,11 @@ class SchedulerStats:
     workers_lost: int = 0
 
 
+def _completion_label(op: Operation) -> str:
+    assert op.outcome is not None
+    return "cached" if op.outcome.cached_result else op.outcome.status.name
+
+
 def action_key_of(op: Operation) -> ActionKey:
     instance, h, size, fn = op.action_key
     return ActionKey(instance, Digest(h, size, DigestFunction(fn)))
@@ -108,7 +113,11 @@ class Scheduler:
         self._wake = trio.Event()
         self._unwatched: dict[str, float] = {}
         self._retained: deque[tuple[float, str]] = deque()
-        self._nursery: trio.Nursery | None = None
+        # New operations whose cache check `run` starts (unbounded: one entry per submit,
+        # consumed at once; submit is synchronous and must not block).
+        self._cache_checks_in, self._cache_checks_out = trio.open_memory_channel[Operation](
+            math.inf
+        )
         # Monotonic `now` values become wall-clock timestamps through this offset.
         self._wall_offset = time.time() - trio.current_time()
 
@@ -124,90 +133,103 @@ class Scheduler:
 
     def apply(self, name: str, event: Event) -> Operation | None:
         """Apply `event` to the named operation; None if the event was stale or the op is gone."""
-        while True:
-            old = self.store.get(name)
-            if old is None:
-                return None
-            try:
-                new = transition(old, event)
-            except StaleEvent as e:
-                log.debug("stale event: %s", e)
-                return None
-            if self.store.compare_and_set(old, new):
-                self._after(old, new, event)
-                return new
+        old = self.store.get(name)
+        if old is None:
+            return None
+        try:
+            new = transition(old, event)
+        except StaleEvent as e:
+            log.debug("stale event: %s", e)
+            return None
+        # Cannot fail while this process is the only writer and nothing awaits in between.
+        if not self.store.compare_and_set(old, new):
+            raise AssertionError(f"{name} changed during a transition")
+        self._update_queues(old, new)
+        if isinstance(event, Cancel):
+            self._cancel_on_worker(old, new)
+        self._track_watchers(old, new)
+        self._record_metrics(old, new)
+        self._log_change(old, new)
+        return new
 
-    def _after(self, old: Operation, new: Operation, event: Event) -> None:
-        """Keep the derived indexes in step with one record change."""
-        name = new.name
+    # -- what follows one record change (each step reads old and new, nothing else) -------------
+
+    def _update_queues(self, old: Operation, new: Operation) -> None:
         if new.stage is Stage.QUEUED and (
             old.stage is not Stage.QUEUED or old.queue_seq != new.queue_seq
         ):
-            self.queues.push(new.queue_key, new.priority, new.queue_seq, name)
+            self.queues.push(new.queue_key, new.priority, new.queue_seq, new.name)
             self._wake.set()
         elif old.stage is Stage.QUEUED and new.stage is not Stage.QUEUED:
-            self.queues.discard(name)
+            self.queues.discard(new.name)
+
+    def _cancel_on_worker(self, old: Operation, new: Operation) -> None:
         if old.stage is Stage.EXECUTING and (
             new.stage is not Stage.EXECUTING or new.attempt != old.attempt
         ):
-            if isinstance(event, Cancel):
-                self._send_cancel(old)
-        action = f"{new.action_key[1]}/{new.action_key[2]}"
+            self._send_cancel(old)
+
+    def _track_watchers(self, old: Operation, new: Operation) -> None:
+        """Unwatched operations are cancelled after a while; completed ones expire."""
+        if new.waiters == 0 and not new.done:
+            self._unwatched.setdefault(new.name, new.unwatched_since)
+        else:
+            self._unwatched.pop(new.name, None)
+        if new.done and not old.done:
+            self._retained.append((new.completed_at, new.name))
+
+    def _record_metrics(self, old: Operation, new: Operation) -> None:
+        if new.stage is Stage.EXECUTING and old.stage is Stage.QUEUED:
+            QUEUE_WAIT.observe(new.dispatched_at - old.queued_at)
+        if new.done and old.stage is Stage.EXECUTING:
+            EXECUTION_DURATION.observe(new.completed_at - old.dispatched_at)
+        if new.retries > old.retries:
+            self.stats.retries += 1
+        if new.done and not old.done:
+            label = _completion_label(new)
+            self.stats.completed[label] = self.stats.completed.get(label, 0) + 1
+
+    def _log_change(self, old: Operation, new: Operation) -> None:
+        """One INFO line per lifecycle event: queued, requeued, dispatched, completed."""
+        base = {"operation": new.name, "action": f"{new.action_key[1]}/{new.action_key[2]}"}
         if new.stage is Stage.QUEUED and old.stage is not Stage.QUEUED:
+            reason = (
+                {"reason": new.history[-1]} if new.history and old.stage is Stage.EXECUTING else {}
+            )
             log.info(
                 "operation queued" if old.stage is Stage.CACHE_CHECK else "operation requeued",
                 extra={
-                    "operation": name,
-                    "action": action,
+                    **base,
                     "priority": new.priority,
                     "queue": ",".join(f"{k}={v}" for k, v in new.queue_key) or "default",
-                    **(
-                        {"reason": new.history[-1]}
-                        if new.history and old.stage is Stage.EXECUTING
-                        else {}
-                    ),
+                    **reason,
                 },
             )
-        if new.stage is Stage.EXECUTING and old.stage is Stage.QUEUED:
-            QUEUE_WAIT.observe(new.dispatched_at - old.queued_at)
+        elif new.stage is Stage.EXECUTING and old.stage is Stage.QUEUED:
             log.info(
                 "operation dispatched",
                 extra={
-                    "operation": name,
-                    "action": action,
+                    **base,
                     "worker": new.worker_id,
                     "attempt": new.attempt,
                     "queued_s": round(new.dispatched_at - old.queued_at, 3),
                 },
             )
-        if new.done and old.stage is Stage.EXECUTING:
-            EXECUTION_DURATION.observe(new.completed_at - old.dispatched_at)
-        if new.retries > old.retries:
-            self.stats.retries += 1
-        if new.waiters == 0 and not new.done:
-            self._unwatched.setdefault(name, new.unwatched_since)
-        else:
-            self._unwatched.pop(name, None)
-        if new.done and not old.done:
-            self._unwatched.pop(name, None)
-            self._retained.append((new.completed_at, name))
-            assert new.outcome is not None
-            label = "cached" if new.outcome.cached_result else new.outcome.status.name
-            self.stats.completed[label] = self.stats.completed.get(label, 0) + 1
+        elif new.done and not old.done:
+            executing = (
+                {"executing_s": round(new.completed_at - old.dispatched_at, 3)}
+                if old.stage is Stage.EXECUTING
+                else {}
+            )
             log.info(
                 "operation completed",
                 extra={
-                    "operation": name,
-                    "action": action,
-                    "status": label,
+                    **base,
+                    "status": _completion_label(new),
                     "worker": old.worker_id or "-",
                     "attempts": new.attempt,
                     "seconds": round(new.completed_at - new.created_at, 3),
-                    **(
-                        {"executing_s": round(new.completed_at - old.dispatched_at, 3)}
-                        if old.stage is Stage.EXECUTING
-                        else {}
-                    ),
+                    **executing,
                 },
             )
 
@@ -220,6 +242,10 @@ class Scheduler:
         mergeable = not spec.do_not_cache
         if mergeable:
             live = self.store.live_for(spec.key)
+            # A client that skips the cache must not be answered by the cache check of an
+            # operation it would merge into: it waits for its own execution instead.
+            if live is not None and spec.skip_cache_lookup and live.stage is Stage.CACHE_CHECK:
+                live = None
             if live is not None:
                 merged = self.apply(live.name, WaiterAttached(now))
                 if merged is not None:
@@ -237,6 +263,9 @@ class Scheduler:
             waiters=1,
         )
         self.store.create(op, mergeable=mergeable)
+        # In the scheduler's tree, not the client's handler: a client that disconnects during
+        # the lookup must not strand other clients merged into the same operation.
+        self._cache_checks_in.send_nowait(op)
         return op, False
 
     async def check_cache(self, op: Operation) -> Operation | None:
@@ -267,21 +296,19 @@ class Scheduler:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the scheduler's background tasks: dispatcher, timers, cache checks."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self.run_dispatcher)
-            nursery.start_soon(self.run_monitor)
+            nursery.start_soon(self._run_dispatcher)
+            nursery.start_soon(self._run_monitor)
+            nursery.start_soon(self._run_cache_checks)
             task_status.started()
-            await trio.sleep_forever()
 
-    def spawn_cache_check(self, op: Operation) -> None:
-        # In the scheduler's nursery, not the client's handler: a client that disconnects during
-        # the lookup must not strand other clients merged into the same operation.
-        assert self._nursery is not None, "Scheduler.run is not running"
-        self._nursery.start_soon(self.check_cache, op)
+    async def _run_cache_checks(self) -> None:
+        async with trio.open_nursery() as checks:
+            async for op in self._cache_checks_out:
+                checks.start_soon(self.check_cache, op)
 
     # -- dispatch ---------------------------------------------------------------------------------
 
-    async def run_dispatcher(self) -> None:
+    async def _run_dispatcher(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -362,14 +389,24 @@ class Scheduler:
         self._wake.set()
         return worker
 
+    def cancel_stale_attempt(self, worker: WorkerState, name: str) -> None:
+        """The worker says it still runs `name` from an earlier connection: tell it to stop."""
+        worker.outbox.send_nowait(("cancel", name, 0))  # type: ignore[attr-defined]
+
     def worker_seen(self, worker: WorkerState) -> None:
         worker.last_seen = self.now()
 
     def worker_lost(self, worker: WorkerState, reason: str) -> None:
-        """Forget a worker and requeue (as a retry) everything it was running."""
+        """Forget a worker, close its stream and requeue (as a retry) everything it was running.
+
+        Closing the stream matters: a worker dropped while its connection stays open (the
+        scheduler stalled past the keepalive timeout) would otherwise never be offered work
+        again. It reconnects and registers anew.
+        """
         if self.workers.get(worker.worker_id) is not worker:
             return
         del self.workers[worker.worker_id]
+        worker.disconnect(reason)
         if worker.running or not worker.going_away:
             self.stats.workers_lost += 1
             log.warning(
@@ -448,6 +485,7 @@ class Scheduler:
                 f"declined: {reason}",
                 counts=False,
                 max_retries=self.settings.max_job_retries,
+                max_declines=self.settings.max_declines,
             ),
         )
 
@@ -463,7 +501,7 @@ class Scheduler:
 
     # -- timers -----------------------------------------------------------------------------------
 
-    async def run_monitor(self, tick_s: float | None = None) -> None:
+    async def _run_monitor(self, tick_s: float | None = None) -> None:
         tick = tick_s or max(0.05, min(1.0, self.settings.worker_timeout_s / 4))
         while True:
             await trio.sleep(tick)

@@ -3,8 +3,9 @@
 An `Operation` is an immutable record with a `version` that increases on every transition.
 `transition(record, event, config)` returns the next record or raises `StaleEvent` when the
 event no longer applies (a report from a superseded attempt, a completion after a cancel).
-Nothing here does I/O or keeps state; `store.py` applies transitions by compare-and-set on the
-version, so the same logic can run against a shared store with several schedulers.
+Nothing here does I/O or keeps state. Today one scheduler process owns every record
+(`store.py`, in memory) and applies transitions one at a time on its Trio thread; the version
+is what a shared store's compare-and-set will check once several schedulers share records.
 
     CACHE_CHECK --hit--> COMPLETED
         |miss
@@ -67,6 +68,7 @@ class Operation:
     worker_id: str = ""
     attempt: int = 0
     retries: int = 0
+    declines: int = 0  # attempts a worker declined (precondition script, draining)
     dispatched_at: float = 0.0
     last_progress_at: float = 0.0
     history: tuple[str, ...] = ()
@@ -120,7 +122,8 @@ class Finished:
 class Requeue:
     """The attempt is void without fault of the action: worker lost, declined, or stuck.
 
-    `counts` says whether it uses up one of the action's retries (a decline does not).
+    `counts` says whether it uses up one of the action's retries; a decline does not, but
+    declines are bounded by `max_declines` so an action no worker accepts ends.
     """
 
     worker_id: str
@@ -130,6 +133,7 @@ class Requeue:
     reason: str
     counts: bool = True
     max_retries: int = 3
+    max_declines: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,32 +177,76 @@ def _same_attempt(op: Operation, worker_id: str, attempt: int) -> None:
         )
 
 
+# Requeue notes kept per operation: the first ones explain a failure, the last ones its end.
+HISTORY_LIMIT = 20
+
+
+def _noted(history: tuple[str, ...], note: str) -> tuple[str, ...]:
+    """`history` plus `note`, at most HISTORY_LIMIT entries: the first half, a marker, and the
+    most recent ones (an action declined forever must not grow its record forever)."""
+    history = (*history, note)
+    if len(history) <= HISTORY_LIMIT:
+        return history
+    half = HISTORY_LIMIT // 2
+    return (*history[:half], _ELIDED, *history[-(HISTORY_LIMIT - half - 1) :])
+
+
+_ELIDED = "..."
+
+
 def _requeued(
-    op: Operation, now: float, seq: int, note: str, counts: bool, max_retries: int
+    op: Operation, now: float, seq: int, note: str, event: Requeue | Finished
 ) -> Operation:
-    history = (*op.history, note)
+    history = _noted(op.history, note)
+    counts = not isinstance(event, Requeue) or event.counts
     retries = op.retries + (1 if counts else 0)
-    if counts and retries > max_retries:
-        return replace(
+    declines = op.declines + (0 if counts else 1)
+    if counts and retries > event.max_retries:
+        return _failed(
             op,
-            stage=Stage.COMPLETED,
-            worker_id="",
+            now,
+            history,
+            Status.UNAVAILABLE,
+            f"gave up after {event.max_retries} retries: " + "; ".join(history),
             retries=retries,
-            history=history,
-            completed_at=now,
-            outcome=Outcome(
-                status=Status.UNAVAILABLE,
-                message=f"gave up after {max_retries} retries: " + "; ".join(history),
-            ),
+        )
+    if isinstance(event, Requeue) and declines > event.max_declines:
+        return _failed(
+            op,
+            now,
+            history,
+            Status.FAILED_PRECONDITION,
+            f"declined by workers {declines} times; last: {note}",
+            declines=declines,
         )
     return replace(
         op,
         stage=Stage.QUEUED,
         worker_id="",
         retries=retries,
+        declines=declines,
         history=history,
         queued_at=now,
         queue_seq=seq,
+    )
+
+
+def _failed(
+    op: Operation,
+    now: float,
+    history: tuple[str, ...],
+    status: Status,
+    message: str,
+    **counts: int,
+) -> Operation:
+    return replace(
+        op,
+        stage=Stage.COMPLETED,
+        worker_id="",
+        history=history,
+        completed_at=now,
+        outcome=Outcome(status=status, message=message),
+        **counts,
     )
 
 
@@ -248,12 +296,11 @@ def _next(op: Operation, event: Event) -> Operation:
             _same_attempt(op, w, a)
             if retryable:
                 note = f"attempt {a} on {w}: {outcome.status.name}: {outcome.message}"
-                return _requeued(op, now, seq, note, True, event.max_retries)
+                return _requeued(op, now, seq, note, event)
             return replace(op, stage=Stage.COMPLETED, completed_at=now, outcome=outcome)
-        case Requeue(worker_id=w, attempt=a, now=now, seq=seq, reason=reason, counts=counts):
+        case Requeue(worker_id=w, attempt=a, now=now, seq=seq, reason=reason):
             _same_attempt(op, w, a)
-            note = f"attempt {a} on {w}: {reason}"
-            return _requeued(op, now, seq, note, counts, event.max_retries)
+            return _requeued(op, now, seq, f"attempt {a} on {w}: {reason}", event)
         case Cancel(now=now, reason=reason, status=status):
             return replace(
                 op,
@@ -262,11 +309,6 @@ def _next(op: Operation, event: Event) -> Operation:
                 outcome=Outcome(status=status, message=reason),
             )
     raise TypeError(f"unknown event {event!r}")
-
-
-def waiting_worker(op: Operation) -> str:
-    """The worker running the operation, or "" (used to send cancels)."""
-    return op.worker_id if op.stage is Stage.EXECUTING else ""
 
 
 __all__ = [

@@ -18,7 +18,7 @@ from reexec import fastpb
 from reexec.cas.action_cache import ActionKey
 from reexec.cas.digest import make_digest
 from reexec.cas.store import BlobNotFound, Store
-from reexec.errors import FailedPrecondition, InvalidArgument, Violation
+from reexec.errors import FailedPrecondition, InvalidArgument, Unavailable, Violation
 from reexec.rpc import Cardinality, Service, Stream, aio, streaming
 from reexec.sched.scheduler import Scheduler, action_key_of
 from reexec.sched.state import Operation, Outcome, Stage
@@ -69,6 +69,9 @@ class WorkerService(Service):
         }
 
     async def connect(self, stream: Stream) -> None:
+        """One worker's connection, in its own cancel scope: when the scheduler declares the
+        worker lost (keepalive timeout), the scope is cancelled and the stream ends with
+        UNAVAILABLE, so the worker reconnects and registers again."""
         first = await aio(stream.recv_message)
         if first is None or first.WhichOneof("kind") != "register":
             raise InvalidArgument("the first message on WorkerApi.Connect must be Register")
@@ -78,28 +81,43 @@ class WorkerService(Service):
         send, receive = trio.open_memory_channel[tuple[str, str, int]](math.inf)
         props = [(p.name, p.value) for p in reg.platform.properties]
         worker = self.scheduler.register_worker(reg.worker_id, props, reg.max_inflight_tasks, send)
-        try:
-            hello = SchedulerMessage()
-            interval = max(self.scheduler.settings.worker_timeout_s / 3, 0.05)
-            hello.registered.keepalive_interval.FromNanoseconds(int(interval * 1e9))
-            await aio(stream.send_message, hello)
-            for name in reg.running_operations:
-                op = self.scheduler.store.get(name)
-                if (
-                    op is None
-                    or op.stage is not Stage.EXECUTING
-                    or op.worker_id != worker.worker_id
-                ):
-                    send.send_nowait(("cancel", name, 0))
-                else:
-                    worker.running.add((name, op.attempt))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._sender, stream, worker, receive)
-                await self._receiver(stream, worker)
-                nursery.cancel_scope.cancel()
-        finally:
-            send.close()
-            self.scheduler.worker_lost(worker, "disconnected")
+        dropped: list[str] = []
+        with trio.CancelScope() as connection:
+
+            def disconnect(reason: str) -> None:
+                dropped.append(reason)
+                connection.cancel()
+
+            worker.disconnect = disconnect
+            try:
+                await self._serve(stream, worker, reg, receive)
+            finally:
+                send.close()
+                worker.disconnect = _already_disconnected
+                self.scheduler.worker_lost(worker, "disconnected")
+        if connection.cancelled_caught:
+            raise Unavailable(f"worker {worker.worker_id} was dropped: {dropped[0]}")
+
+    async def _serve(
+        self,
+        stream: Stream,
+        worker: WorkerState,
+        reg: fastpb.Message,
+        outbox: trio.MemoryReceiveChannel[tuple[str, str, int]],
+    ) -> None:
+        hello = SchedulerMessage()
+        interval = max(self.scheduler.settings.worker_timeout_s / 3, 0.05)
+        hello.registered.keepalive_interval.FromNanoseconds(int(interval * 1e9))
+        await aio(stream.send_message, hello)
+        # Actions the worker still runs from before it reconnected were requeued when its old
+        # connection ended (worker_lost): they are stale, so the worker cancels them. These are
+        # the first messages in the outbox, ahead of any new start.
+        for name in reg.running_operations:
+            self.scheduler.cancel_stale_attempt(worker, name)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sender, stream, worker, outbox)
+            await self._receiver(stream, worker)
+            nursery.cancel_scope.cancel()
 
     async def _receiver(self, stream: Stream, worker: WorkerState) -> None:
         scheduler = self.scheduler
@@ -214,6 +232,10 @@ class WorkerService(Service):
         start.queued_timestamp.FromNanoseconds(int(self.scheduler.wall(op.queued_at) * 1e9))
         start.skip_cache_lookup = op.skip_cache_lookup
         return msg
+
+
+def _already_disconnected(reason: str) -> None:
+    pass
 
 
 def _precondition_details(violations: tuple[Violation, ...]) -> tuple[tuple[str, bytes], ...]:

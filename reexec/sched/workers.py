@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +25,8 @@ class WorkerState:
     paused_until: float = 0.0  # after a decline, no new work for a moment
     # Outgoing messages; the connection's sender task drains it.
     outbox: object = None
+    # Closes the worker's stream with the given reason (set by the connection that owns it).
+    disconnect: Callable[[str], None] = field(default=lambda reason: None)
 
     def free_slots(self, now: float) -> int:
         if self.going_away or now < self.paused_until:

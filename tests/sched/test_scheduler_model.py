@@ -129,6 +129,7 @@ class Model:
         self.ac = ac
         self.clock = clock
         self.names: list[str] = []  # every operation created, in order
+        self.unindexed: set[str] = set()  # skip_cache_lookup ops that bypassed a cache check
         self.last: dict[str, Operation] = {}
         self.handles: list[Handle] = []
         self.conns: dict[str, Conn] = {}  # connected workers, in registration order
@@ -198,14 +199,21 @@ class Model:
             live = [
                 op
                 for op in s.store
-                if op.action_key == sp.key and not op.done and not op.do_not_cache
+                if op.action_key == sp.key
+                and not op.done
+                and not op.do_not_cache
+                and op.name not in self.unindexed
             ]
             assert len(live) <= 1
             op, merged = s.submit(sp)
-            if dnc or not live:
+            # A request that skips the cache never merges into a pending cache check.
+            bypass = bool(live) and skip and live[0].stage is Stage.CACHE_CHECK
+            if dnc or not live or bypass:
                 assert not merged and op.name not in self.last
                 assert op.stage is Stage.CACHE_CHECK and op.waiters == 1
                 self.names.append(op.name)
+                if bypass:
+                    self.unindexed.add(op.name)
             else:
                 assert merged and op.name == live[0].name
             self.handles.append(Handle(op.name))
@@ -381,9 +389,12 @@ class Model:
             if op.done or op.waiters > 0:
                 assert name not in s._unwatched
 
-        # At most one live mergeable operation per action, and it is the one indexed.
+        # At most one live mergeable operation per action, and it is the one indexed (besides
+        # skip_cache_lookup requests that bypassed a pending cache check).
         live = Counter(
-            op.action_key for op in in_store.values() if not op.done and not op.do_not_cache
+            op.action_key
+            for op in in_store.values()
+            if not op.done and not op.do_not_cache and op.name not in self.unindexed
         )
         for key, n in live.items():
             assert n == 1

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reexec.sched.state import (
+    HISTORY_LIMIT,
     CacheChecked,
     Cancel,
     Dispatched,
@@ -23,7 +24,6 @@ from reexec.sched.state import (
     WaiterAttached,
     WaiterDetached,
     transition,
-    waiting_worker,
 )
 
 KEY = ("", "ab" * 32, 10, 1)
@@ -63,7 +63,7 @@ def test_new_operation_defaults() -> None:
     assert op.stage is Stage.CACHE_CHECK
     assert op.version == 0 and op.attempt == 0 and op.retries == 0
     assert not op.done and op.outcome is None
-    assert waiting_worker(op) == ""
+    assert op.worker_id == ""
 
 
 def test_cache_miss_queues() -> None:
@@ -86,7 +86,7 @@ def test_dispatch_starts_an_attempt() -> None:
     assert op.stage is Stage.EXECUTING
     assert op.worker_id == "w7" and op.attempt == 1
     assert op.dispatched_at == 5.0 and op.last_progress_at == 5.0
-    assert waiting_worker(op) == "w7"
+    assert op.worker_id == "w7"
 
 
 def test_progress_from_the_current_attempt() -> None:
@@ -100,7 +100,7 @@ def test_finished_completes_with_the_outcome() -> None:
     op = step(executing(), Finished("w1", 1, 7.0, 3, FAIL))  # non-retryable failure
     assert op.done and op.outcome == FAIL and op.completed_at == 7.0
     assert op.retries == 0 and op.history == ()
-    assert waiting_worker(op) == ""
+    assert op.stage is Stage.COMPLETED and op.worker_id == "w1"  # who ran it
 
 
 def test_finished_ok() -> None:
@@ -319,12 +319,27 @@ def test_declines_never_exhaust_retries() -> None:
             op, Requeue("w", attempt, 2.0, attempt, "declined: busy", counts=False, max_retries=0)
         )
         assert op.stage is Stage.QUEUED and op.retries == 0
-    assert op.attempt == 50 and len(op.history) == 50
+    # The history keeps the first and the latest notes, never more than HISTORY_LIMIT.
+    assert op.attempt == 50 and op.declines == 50 and len(op.history) == HISTORY_LIMIT
+    assert op.history[0].startswith("attempt 1 ") and op.history[-1].startswith("attempt 50 ")
     # A counting failure still gives up, with the declines in the history.
     op = step(op, Dispatched("w", 1.0))
     op = step(op, Finished("w", 51, 3.0, 99, FAIL, retryable=True, max_retries=0))
     assert op.done and op.outcome is not None and op.outcome.status is Status.UNAVAILABLE
     assert "declined: busy" in op.outcome.message and "INTERNAL: disk full" in op.outcome.message
+
+
+def test_declines_are_bounded() -> None:
+    """A precondition script that always fails must not requeue an action forever."""
+    op = queued()
+    for attempt in range(1, 4):
+        op = step(op, Dispatched("w", 1.0))
+        op = step(op, Requeue("w", attempt, 2.0, attempt, "declined: no GPU", counts=False,
+                              max_declines=2))  # fmt: skip
+    assert op.done and op.outcome is not None
+    assert op.outcome.status is Status.FAILED_PRECONDITION
+    assert "declined by workers 3 times" in op.outcome.message
+    assert "no GPU" in op.outcome.message and op.retries == 0
 
 
 def test_mixed_retries_count_only_counting_events() -> None:
@@ -419,10 +434,12 @@ def test_random_event_sequences(evs: list[object]) -> None:
         assert new.waiters >= 0
         assert new.attempt >= op.attempt and new.retries >= op.retries
         assert new.retries <= 3  # max_retries + 1
-        assert (new.stage is Stage.EXECUTING) == bool(waiting_worker(new))
+        if new.stage is Stage.EXECUTING:
+            assert new.worker_id
         if new.stage is Stage.QUEUED:
             assert new.worker_id == ""
         # Every attempt after the first follows a requeue, and every requeue leaves a note.
-        assert new.retries <= len(new.history)
-        assert new.attempt <= len(new.history) + 1
+        if len(new.history) < HISTORY_LIMIT:
+            assert new.retries + new.declines <= len(new.history)
+            assert new.attempt <= len(new.history) + 1
         op = new

@@ -1,0 +1,53 @@
+"""gRPC channels a worker opens to its scheduler: TCP (grpc://, grpcs://) or a unix socket."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+
+import trio_asyncio
+from grpclib.client import Channel
+
+from reexec.daemon.config import Config, ConfigError
+from reexec.rpc import StatusDetailsCodec
+
+ChannelFactory = Callable[[], Awaitable[Channel]]
+
+
+def scheduler_channel_factory(config: Config) -> ChannelFactory:
+    """Connects to `worker.scheduler` (grpc:// or grpcs://)."""
+    url = config.worker.scheduler
+    if not url:
+        raise ConfigError("worker.scheduler: required for `reexecd worker` (or pass --scheduler)")
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.rpartition(":")
+    ctx = None
+    if scheme == "grpcs":
+        ctx = ssl.create_default_context(cafile=config.worker.tls_ca)
+        ctx.set_alpn_protocols(["h2"])
+
+    async def make() -> Channel:
+        # grpclib's Channel looks up the running asyncio loop, so it is made on that side.
+        async def inner() -> Channel:
+            return Channel(
+                host.strip("[]"), int(port), ssl=ctx, status_details_codec=StatusDetailsCodec()
+            )
+
+        return await trio_asyncio.aio_as_trio(inner)()
+
+    return make
+
+
+def unix_channel_factory(path: str) -> ChannelFactory:
+    async def make() -> Channel:
+        async def inner() -> Channel:
+            return Channel(path=path, status_details_codec=StatusDetailsCodec())
+
+        return await trio_asyncio.aio_as_trio(inner)()
+
+    return make
+
+
+def default_worker_id(suffix: str = "") -> str:
+    return socket.gethostname() + suffix
