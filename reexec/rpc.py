@@ -9,6 +9,7 @@ and cross from grpclib's asyncio world into Trio exactly once per RPC.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,6 +37,9 @@ Cardinality = grpclib.const.Cardinality
 _TYPE_URL_PREFIX = "type.googleapis.com/"
 # Sent by workers on their CAS calls (value: the worker id).
 WORKER_HEADER = "x-reexec-worker"
+# gRPC's customary 4 MiB plus our default max_batch_total_size_bytes (4032 KiB): the largest
+# message a server accepts unless configured otherwise.
+DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = (4 << 20) + 4032 * 1024
 
 
 class StatusDetailsCodec(StatusDetailsCodecBase):
@@ -109,12 +113,63 @@ class RpcGate:
 UNGATED = frozenset({"/reexec.worker.v1.WorkerApi/Connect"})
 
 
-def guard(gate: RpcGate, name: str, func: Callable[[Stream], Awaitable[None]]):
-    """Wrap a grpclib handler: drain gate, ReexecError -> status, accounting, logging."""
+async def _recv_bounded(stream: Stream, max_bytes: int) -> Any:
+    """grpclib's `Stream.recv_message`, refusing a message longer than `max_bytes` from its
+    5-byte length prefix (RESOURCE_EXHAUSTED), before its body is received or decoded.
+
+    grpclib itself buffers a message of any declared length (up to 4 GiB) before decoding it;
+    HTTP/2 flow control only paces that. Mirrors grpclib 0.4's `Stream.recv_message` and
+    `grpclib.stream.recv_message`, which it replaces per stream (see `limit_receive`).
+    """
+    h2_stream = stream._stream
+    meta = await h2_stream.recv_data(5)
+    if not meta:
+        return None
+    if meta[0]:
+        raise GRPCError(
+            grpclib.const.Status.UNIMPLEMENTED, "compressed gRPC messages are not supported"
+        )
+    length = int.from_bytes(meta[1:5], "big")
+    if length > max_bytes:
+        raise GRPCError(
+            grpclib.const.Status.RESOURCE_EXHAUSTED,
+            f"the request message is {length} bytes, over this server's limit of {max_bytes} "
+            "bytes (server.max_receive_message_bytes); split the request (large blobs go "
+            "through ByteStream)",
+        )
+    data = await h2_stream.recv_data(length)
+    try:
+        message = stream._codec.decode(data, stream._recv_type)
+    except Exception as e:  # upb raises DecodeError; betterproto2 codecs other errors
+        raise GRPCError(
+            grpclib.const.Status.INVALID_ARGUMENT,
+            f"the request is not a valid {stream._recv_type.__name__} message: {e}",
+        ) from None
+    (message,) = await stream._dispatch.recv_message(message)
+    stream._messages_received += 1
+    h2_stream.connection.messages_received += 1
+    h2_stream.connection.last_message_received = time.monotonic()
+    return message
+
+
+def limit_receive(stream: Stream, max_bytes: int) -> None:
+    """Make every `stream.recv_message()` (whoever calls it) enforce `max_bytes`."""
+    stream.recv_message = functools.partial(_recv_bounded, stream, max_bytes)  # type: ignore[method-assign]
+
+
+def guard(
+    gate: RpcGate,
+    name: str,
+    func: Callable[[Stream], Awaitable[None]],
+    max_receive_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+):
+    """Wrap a grpclib handler: message size limit, drain gate, ReexecError -> status,
+    accounting, logging."""
     if name in UNGATED:
-        return _ungated(name, func)
+        return _ungated(name, func, max_receive_bytes)
 
     async def handle(stream: Stream) -> None:
+        limit_receive(stream, max_receive_bytes)
         gate.enter(name, stream)
         started = time.monotonic()
         status = "OK"
@@ -139,8 +194,9 @@ def guard(gate: RpcGate, name: str, func: Callable[[Stream], Awaitable[None]]):
     return handle
 
 
-def _ungated(name: str, func: Callable[[Stream], Awaitable[None]]):
+def _ungated(name: str, func: Callable[[Stream], Awaitable[None]], max_receive_bytes: int):
     async def handle(stream: Stream) -> None:
+        limit_receive(stream, max_receive_bytes)
         try:
             await func(stream)
         except ReexecError as e:
@@ -203,18 +259,29 @@ class Service:
 
 
 class Servable:
-    """All services as one grpclib IServable, every handler wrapped by `guard` with one gate."""
+    """All services as one grpclib IServable, every handler wrapped by `guard` with one gate.
 
-    def __init__(self, services: Sequence[Service], gate: RpcGate) -> None:
+    `max_receive_message_bytes` applies to every request message of every RPC; it is read when
+    a grpclib Server is built from this servable.
+    """
+
+    def __init__(
+        self,
+        services: Sequence[Service],
+        gate: RpcGate,
+        max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+    ) -> None:
         self._services = services
         self.gate = gate
+        self.max_receive_message_bytes = max_receive_message_bytes
 
     def __mapping__(self) -> dict[str, Handler]:
         out: dict[str, Handler] = {}
         for service in self._services:
             for method, (func, cardinality, req, resp) in service.rpcs().items():
                 path = f"/{service.SERVICE}/{method}"
-                out[path] = Handler(guard(self.gate, path, func), cardinality, req, resp)
+                handler = guard(self.gate, path, func, self.max_receive_message_bytes)
+                out[path] = Handler(handler, cardinality, req, resp)
         return out
 
 

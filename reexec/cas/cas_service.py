@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Parallel store writes/reads within one batch request.
 BATCH_CONCURRENCY = 16
+# FindMissingBlobs digests validated and looked up between two checkpoints (~10 ms of CPU).
+FIND_MISSING_CHUNK = 4096
 # GetTree pages are cut at this many bytes of Directory messages when the client sets no size.
 DEFAULT_TREE_PAGE_BYTES = 1 << 20
 # GetTree parses a level of the tree with more directories than this in a worker thread.
@@ -66,16 +68,28 @@ class CasService(Service):
         }
 
     async def find_missing_blobs(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
+        """Validated and looked up FIND_MISSING_CHUNK digests at a time, with a checkpoint in
+        between: the largest request we accept (~110,000 digests in 8 MiB) takes ~0.3 s of
+        CPU, which must not stall every other RPC on the event loop."""
         check_instance(self.instances, request.instance_name)
         wire = request.blob_digests
-        digests = make_digests(
-            [d.hash for d in wire], [d.size_bytes for d in wire], request.digest_function
-        )
-        missing = await self.cas.find_missing(digests)
+        function = request.digest_function
         response = fastpb.FindMissingBlobsResponse()
         add = response.missing_blob_digests.add
-        for d in missing:
-            add(hash=d.hash, size_bytes=d.size)
+        chunked = len(wire) > FIND_MISSING_CHUNK
+        reported: set[Digest] = set()
+        for start in range(0, len(wire), FIND_MISSING_CHUNK):
+            if start:
+                await trio.lowlevel.checkpoint()
+            part = wire[start : start + FIND_MISSING_CHUNK] if chunked else wire
+            digests = make_digests([d.hash for d in part], [d.size_bytes for d in part], function)
+            for d in await self.cas.find_missing(digests):
+                if chunked:
+                    # Each chunk's answer is free of duplicates; across chunks it may not be.
+                    if d in reported:
+                        continue
+                    reported.add(d)
+                add(hash=d.hash, size_bytes=d.size)
         return response
 
     async def batch_update_blobs(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]

@@ -3,22 +3,38 @@
 grpclib's `Server.close()` cancels handlers at once, so draining is built above it: stop
 accepting connections, refuse new RPCs on live ones (UNAVAILABLE, via the RpcGate), wait for
 in-flight RPCs up to the grace period, and only then close and cancel what is left.
+
+Connections are bounded, so clients cannot exhaust the process's file descriptors:
+- at most `max_connections` client connections at once over TCP; one more is closed as soon
+  as it is accepted (the client sees UNAVAILABLE and retries);
+- a connection with no RPC in flight for `idle_timeout_s` is closed with a GOAWAY;
+- when accept() itself fails for lack of descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM),
+  asyncio stops accepting for a second and tries again; we only log it. trio-asyncio's default
+  would turn that report, like any per-connection error asyncio reports, into an exception in
+  the loop's nursery that stops the whole daemon (`_tolerate_connection_errors`).
+The private unix socket of the local worker is exempt from both limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import ssl
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 import trio_asyncio
-from grpclib.server import Server
+from grpclib.protocol import H2Protocol
+from grpclib.server import Handler, Server
 
-from reexec.daemon.config import TlsConfig, parse_listen
+from reexec.daemon.config import ServerConfig, TlsConfig, parse_listen, parse_size
 from reexec.rpc import RpcGate, Servable, StatusDetailsCodec
 
 log = logging.getLogger(__name__)
@@ -34,6 +50,192 @@ def make_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
+def default_max_connections() -> int:
+    """Half of the file-descriptor limit (the rest is for store files, the worker, threads),
+    at least 16."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft // 2)
+
+
+def max_receive_message_bytes(server: ServerConfig) -> int:
+    """`server.max_receive_message_bytes`, or by default 4 MiB plus the advertised batch size."""
+    configured = parse_size(server.max_receive_message_bytes)
+    return configured or (4 << 20) + parse_size(server.max_batch_total_size_bytes)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int
+    """Client connections open at once over TCP (all listen addresses together)."""
+    idle_timeout_s: float
+    """Close a connection with no RPC in flight for this long; 0: never."""
+
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> ConnectionLimits:
+        return cls(
+            max_connections=server.max_connections or default_max_connections(),
+            idle_timeout_s=server.connection_idle_timeout_s,
+        )
+
+
+# Warnings about refused connections or accept() failures: at most one per this many seconds.
+_WARN_INTERVAL_S = 10.0
+_ACCEPT_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class ConnectionTracker:
+    """Counts the client connections of one GrpcServer and enforces its ConnectionLimits.
+
+    Touched only from the asyncio loop's thread (protocol callbacks), so plain counters do.
+    """
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.open = 0
+        self.refused = 0
+        self.closed_idle = 0
+        self._warned_at = -_WARN_INTERVAL_S
+
+    def admit(self) -> bool:
+        if self.open >= self.limits.max_connections:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._warned_at >= _WARN_INTERVAL_S:
+                self._warned_at = now
+                log.warning(
+                    "refusing connections: %d open, max_connections is %d (%d refused so far)",
+                    self.open,
+                    self.limits.max_connections,
+                    self.refused,
+                )
+            return False
+        self.open += 1
+        return True
+
+
+class _LimitedH2Protocol(H2Protocol):
+    """grpclib's HTTP/2 server protocol, counted against a ConnectionTracker and closed once
+    idle (no stream open, no stream started and no message for `idle_timeout_s`)."""
+
+    def __init__(self, *args: Any, tracker: ConnectionTracker) -> None:
+        super().__init__(*args)
+        self._tracker = tracker
+        self._admitted = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._made_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._tracker.admit():
+            transport.close()
+            return
+        self._admitted = True
+        self._made_at = time.monotonic()
+        super().connection_made(transport)
+        if self._tracker.limits.idle_timeout_s > 0:
+            self._check_idle_in(self._tracker.limits.idle_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        if self._admitted:
+            super().data_received(data)
+
+    def pause_writing(self) -> None:
+        if self._admitted:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._admitted:
+            super().resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self._tracker.open -= 1
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        super().connection_lost(exc)
+
+    def _check_idle_in(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        timeout = self._tracker.limits.idle_timeout_s
+        now = time.monotonic()
+        if self.processor.streams:
+            self._check_idle_in(timeout)
+            return
+        c = self.connection
+        last = max(
+            self._made_at,
+            c.last_stream_created or 0.0,
+            c.last_message_received or 0.0,
+            c.last_message_sent or 0.0,
+        )
+        if now - last < timeout:
+            self._check_idle_in(timeout - (now - last))
+            return
+        self._tracker.closed_idle += 1
+        log.debug("closing a connection idle for %.0fs", now - last)
+        # GOAWAY first: well-behaved clients then reconnect for their next call without error.
+        with contextlib.suppress(Exception):
+            c._connection.close_connection()
+            c.flush()
+        self.processor.close("Connection idle")
+
+
+class _Server(Server):
+    """grpclib's Server whose connections are counted and closed when idle (TCP listeners);
+    with `tracker=None` (the private unix socket) it is grpclib's Server unchanged."""
+
+    def __init__(self, *args: Any, tracker: ConnectionTracker | None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._tracker = tracker
+
+    def _protocol_factory(self) -> H2Protocol:
+        if self._tracker is None:
+            return super()._protocol_factory()
+        # As grpclib's own factory, with our protocol class.
+        self.__gc_step__()
+        handler = Handler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
+        self._handlers.add(handler)
+        return _LimitedH2Protocol(handler, self._config, self._h2_config, tracker=self._tracker)
+
+
+def _tolerate_connection_errors(loop: asyncio.AbstractEventLoop) -> Any:
+    """Install a loop exception handler that logs, and never propagates, what asyncio reports
+    about one connection or listener (accept() out of descriptors, a transport or protocol
+    failing). Everything else goes to the previous handler (trio-asyncio's: raise in the
+    nursery). Returns the previous handler, for `close` to restore."""
+    previous = loop.get_exception_handler()
+    warned_at = [-_WARN_INTERVAL_S]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_RESOURCE_ERRNOS:
+            now = time.monotonic()
+            if now - warned_at[0] >= _WARN_INTERVAL_S:
+                warned_at[0] = now
+                log.warning(
+                    "accept() failed (%s); asyncio retries in a second. Raise the file "
+                    "descriptor limit or lower server.max_connections",
+                    os.strerror(exc.errno or 0),
+                )
+            return
+        if any(k in context for k in ("transport", "protocol", "socket")):
+            log.warning("connection error: %s", context.get("message"), exc_info=exc)
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    return previous
+
+
 class GrpcServer:
     def __init__(
         self,
@@ -42,14 +244,22 @@ class GrpcServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         unix_path: str | None = None,
+        settings: ServerConfig | None = None,
     ) -> None:
+        """`settings` gives the message size and connection limits (defaults: ServerConfig's)."""
+        settings = settings or ServerConfig()
         self.servable = servable
+        # Read by Servable.__mapping__ when each grpclib Server is built, in `start`.
+        servable.max_receive_message_bytes = max_receive_message_bytes(settings)
         self.gate: RpcGate = servable.gate
         self.listen = list(listen)
         self.ssl_context = ssl_context
         self.unix_path = unix_path
+        self.connections = ConnectionTracker(ConnectionLimits.from_config(settings))
         self.addresses: list[tuple[str, int]] = []
         self._servers: list[Server] = []
+        self._previous_handler: Any = None
+        self._handler_installed = False
 
     async def start(self) -> list[tuple[str, int]]:
         """Bind every listen address; returns the bound (host, port) pairs."""
@@ -57,10 +267,16 @@ class GrpcServer:
         return self.addresses
 
     async def _start_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._handler_installed:
+            self._previous_handler = _tolerate_connection_errors(loop)
+            self._handler_installed = True
         for addr in self.listen:
             host, port = parse_listen(addr)
             # Constructed here, inside asyncio: grpclib's Server looks up the running loop.
-            server = Server([self.servable], status_details_codec=StatusDetailsCodec())
+            server = _Server(
+                [self.servable], status_details_codec=StatusDetailsCodec(), tracker=self.connections
+            )
             await server.start(host, port, ssl=self.ssl_context, reuse_address=True)
             self._servers.append(server)
             for sock in server._server.sockets:  # type: ignore[union-attr]
@@ -70,7 +286,9 @@ class GrpcServer:
             # A private socket for the in-process worker: no TLS, file mode 0600.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
-            server = Server([self.servable], status_details_codec=StatusDetailsCodec())
+            server = _Server(
+                [self.servable], status_details_codec=StatusDetailsCodec(), tracker=None
+            )
             old = os.umask(0o077)
             try:
                 await server.start(path=self.unix_path)
@@ -111,3 +329,6 @@ class GrpcServer:
         if waits:
             await asyncio.wait(waits, timeout=5)
         self._servers.clear()
+        if self._handler_installed:
+            asyncio.get_running_loop().set_exception_handler(self._previous_handler)
+            self._handler_installed = False
