@@ -67,7 +67,8 @@ async def action_with_root(channel, root: bytes, extra: list[bytes]) -> re.Diges
 
 async def execute_error(channel, digest) -> GRPCError:
     c = ExecuteCall(channel, execute_request(digest))
-    await c.run()
+    with trio.fail_after(10):  # an accepted Execute would wait for a worker forever
+        await c.run()
     assert isinstance(c.error, GRPCError), (c.error, c.operations)
     return c.error
 
