@@ -27,6 +27,7 @@ run: install
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: system-deps install-test lint
 	$(BIN)/pytest -q -ra
