@@ -597,3 +597,37 @@ async def test_stale_reports_after_requeue_are_ignored(clock: trio.testing.MockC
     assert op.stage is Stage.EXECUTING and op.attempt == 2 and op.worker_id == "w2"
     assert op.retries == 0 and len(op.history) == 1
     assert h.s.finished(w2, a.name, 2, OK, retryable=False) is not None
+
+
+async def test_declines_end_the_action_after_max_declines(clock: trio.testing.MockClock) -> None:
+    """A precondition script that always fails must not requeue an action forever."""
+    h = Harness(max_declines=3, decline_pause_s=0.0)
+    w = h.worker("w1")
+    a, _ = await h.submit("a")
+    for attempt in range(1, 5):
+        assert h.s.dispatch_ready() == 1
+        assert h.sent("w1") == [("start", a.name, attempt)]
+        h.s.declined(w, a.name, attempt, "no GPU here")
+    op = h.get(a.name)
+    assert op.done and op.outcome is not None
+    assert op.outcome.status is Status.FAILED_PRECONDITION
+    assert "declined by workers 4 times" in op.outcome.message
+    assert h.s.dispatch_ready() == 0 and len(h.s.queues) == 0
+
+
+async def test_skip_cache_lookup_does_not_merge_into_a_cache_check(
+    clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    await h.ac.put(ActionKey("", spec("x").digest), b"cached-result")
+    checking, _ = h.s.submit(spec("x"))  # its cache check has not run yet
+    fresh, merged = h.s.submit(spec("x", skip_cache_lookup=True))
+    assert not merged and fresh.name != checking.name
+    hit = await h.s.check_cache(checking)
+    assert hit is not None and hit.done and hit.outcome is not None and hit.outcome.cached_result
+    own = await h.s.check_cache(fresh)
+    assert own is not None and own.stage is Stage.QUEUED  # it runs, as the client asked
+    # Once the first operation is past its cache check, skip requests merge into it as before.
+    queued, _ = await h.submit("y")
+    again, merged = h.s.submit(spec("y", skip_cache_lookup=True))
+    assert merged and again.name == queued.name
