@@ -6,15 +6,15 @@ ensure() done for every file (so each file is a hardlink away), and the planned 
 
 Timed, each into a fresh directory on the same file system (interleaved repetitions, medians):
   floor        os.mkdir + os.link loop over precomputed absolute path lists (the syscall floor)
-  materialize  reexec.sandbox.materialize.materialize_sync(tree, dest, cache)
+  materialize  reexec.sandbox.input_root.build_input_root_sync(tree, dest, cache.path_str)
   copytree     shutil.copytree of an already materialized copy of the tree (copies bytes)
   cold         the executor's input path with an empty DirectoryCache: load_directories (fetch +
                parse 2,001 Directory messages) + plan_tree + entries + lease + ensure +
-               materialize_sync in a worker thread
+               build_input_root_sync in a worker thread
   warm         the same with the plan cache warm (load_directories + plan_tree skipped)
 
 Targets: materialize within 1.5x of the floor; warm repeated tree within 1.2x (read here as: the
-whole warm input path within 1.2x of materialize_sync alone, i.e. <= 20% on top of building
+whole warm input path within 1.2x of build_input_root_sync alone, i.e. <= 20% on top of building
 the tree; its ratio to the floor is printed too).
 
 Usage: .venv/bin/python bench/materialize.py [--dirs 2000] [--files-per-dir 10] [--reps 5]
@@ -40,12 +40,12 @@ from reexec import fastpb
 from reexec.cas.digest import Digest, DigestFunction
 from reexec.cas.filesystem import FilesystemStore
 from reexec.sandbox.cas_access import LocalStoreAccess
+from reexec.sandbox.input_root import build_input_root_sync
 from reexec.sandbox.local_cas import LocalCas
 from reexec.sandbox.materialize import (
     DirectoryCache,
     InputTree,
     load_directories,
-    materialize_sync,
     plan_tree,
 )
 
@@ -134,7 +134,7 @@ async def input_path(
     entries = tree.entries()
     with cache.lease(entries):
         await cache.ensure(entries)
-        await trio.to_thread.run_sync(materialize_sync, tree, dest, cache)
+        await trio.to_thread.run_sync(build_input_root_sync, tree, dest, cache.path_str)
 
 
 async def measure(
@@ -174,7 +174,7 @@ async def measure(
         # A materialized copy to copytree from.
         src_copy = work / "copy-src"
         src_copy.mkdir()
-        materialize_sync(tree, src_copy, cache)
+        build_input_root_sync(tree, src_copy, cache.path_str)
 
         warm_dirs = DirectoryCache()
         warm_dirs.put_plan((root, False), tree)
@@ -196,7 +196,7 @@ async def measure(
                 elif kind == "materialize":
                     dest.mkdir()
                     t = time.perf_counter()
-                    materialize_sync(tree, dest, cache)
+                    build_input_root_sync(tree, dest, cache.path_str)
                 elif kind == "copytree":
                     t = time.perf_counter()
                     shutil.copytree(src_copy, dest)
@@ -218,7 +218,7 @@ async def measure(
         fl = med["floor"]
         print(
             table(
-                ["variant", "ms", "us/file", "x floor", "x materialize_sync"],
+                ["variant", "ms", "us/file", "x floor", "x build_input_root_sync"],
                 [
                     [k, 1000 * v, 1e6 * v / n_files, v / fl, v / med["materialize"]]
                     for k, v in med.items()
@@ -263,7 +263,7 @@ async def run(args: argparse.Namespace) -> None:
         r2 = med["warm"] / med["materialize"]
         rows += [
             [
-                f"materialize_sync, {size} ({label})",
+                f"build_input_root_sync, {size} ({label})",
                 f"{1000 * med['materialize']:.0f} ms",
                 f"{1000 * fl:.0f} ms (mkdir+link floor)",
                 f"{r1:.2f}",
@@ -273,7 +273,7 @@ async def run(args: argparse.Namespace) -> None:
             [
                 f"warm repeated tree, full input path ({label})",
                 f"{1000 * med['warm']:.0f} ms",
-                f"{1000 * med['materialize']:.0f} ms (materialize_sync)",
+                f"{1000 * med['materialize']:.0f} ms (build_input_root_sync)",
                 f"{r2:.2f} ({med['warm'] / fl:.2f} x floor)",
                 "<= 1.2",
                 verdict(r2 <= 1.2),
@@ -289,7 +289,7 @@ async def run(args: argparse.Namespace) -> None:
             [
                 f"shutil.copytree of the same tree ({label})",
                 f"{1000 * med['copytree']:.0f} ms",
-                f"{1000 * med['materialize']:.0f} ms (materialize_sync)",
+                f"{1000 * med['materialize']:.0f} ms (build_input_root_sync)",
                 f"{med['copytree'] / med['materialize']:.2f}",
                 "-",
                 "-",

@@ -43,6 +43,12 @@ class WorkerConfig(ConfigStruct):
     cache_directory: str = "worker-cache"
     cache_max_bytes: ByteSize = "10GiB"
     upload_timeout_s: float = 600.0
+    max_output_bytes: ByteSize = "4GiB"
+    """The most one action may produce: output files, stdout and stderr together. Beyond it (or
+    beyond the CAS's largest blob) the action fails with RESOURCE_EXHAUSTED, not retried,
+    naming the output; files are measured before they are read. 0 means no limit."""
+    max_stdio_bytes: ByteSize = "256MiB"
+    """The most an action may write to stdout, and to stderr (each); same failure. 0: none."""
     drain_timeout_s: float = 300.0
     """On SIGTERM, how long running actions may finish before they are cancelled."""
     precondition_script: str | None = None

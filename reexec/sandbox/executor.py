@@ -2,13 +2,23 @@
 
     fetch inputs -> materialise -> run (cancel scope = action timeout) -> tamper check
         -> collect outputs -> upload -> Finished
-The work directory is removed afterwards whatever happened. User errors (missing inputs,
-invalid trees, non-zero exit, timeout) are final; infrastructure errors are reported retryable
-so the scheduler tries another worker.
+The work directory is removed afterwards whatever happened.
+
+Only an allow-list of infrastructure failures is reported retryable (the scheduler then tries
+another worker): the CAS unavailable (`Unavailable`), the worker's disk failing (OSError
+ENOSPC, EDQUOT, EIO), the sandbox unavailable on this worker, an upload timing out. Everything
+else is final with a precise message: user errors (invalid trees, outputs over a limit,
+non-UTF-8 output names), and inputs missing at any stage, which are FAILED_PRECONDITION with one
+MISSING violation per blob so that Bazel uploads them again and retries.
+
+Cleanup that must run even when the action is cancelled (the tamper check, removing the work
+directory) is shielded, but bounded by `cleanup_timeout_s`: the tamper check then distrusts
+what it could not check; an unfinished removal is completed by the next `start`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
@@ -24,21 +34,28 @@ from google.protobuf.message import DecodeError
 from grpclib.const import Status
 
 from reexec import fastpb
-from reexec.cas.digest import DigestFunction, make_digest
-from reexec.errors import Internal, InvalidArgument, ReexecError, Unavailable, missing_blobs_error
+from reexec.cas.digest import Digest, DigestFunction, make_digest
+from reexec.cas.store import BlobNotFound
+from reexec.errors import InvalidArgument, ReexecError, Unavailable, missing_blobs_error
 from reexec.sandbox.cas_access import CasAccess
-from reexec.sandbox.local_cas import LocalCas, MissingInputs
+from reexec.sandbox.input_root import build_input_root_sync
+from reexec.sandbox.local_cas import LocalCas
 from reexec.sandbox.materialize import (
     DirectoryCache,
     InputTree,
     check_relative,
     load_directories,
-    materialize_sync,
     output_paths,
     plan_tree,
     prepare_outputs_sync,
 )
-from reexec.sandbox.outputs import CollectedOutputs, collect_outputs_sync, log_blob_sync
+from reexec.sandbox.outputs import (
+    CollectedOutputs,
+    OutputLimits,
+    check_stdio_size,
+    collect_outputs_sync,
+    log_blob_sync,
+)
 from reexec.sandbox.runner import NamespaceOptions, RunRequest, SandboxUnavailable, run_command
 
 log = logging.getLogger(__name__)
@@ -46,6 +63,9 @@ log = logging.getLogger(__name__)
 WorkerMessage = fastpb.message_class("reexec.worker.v1.WorkerMessage")
 
 FETCHING, EXECUTING, UPLOADING = 1, 2, 3
+
+# Failures of the worker's own disk: another worker may well succeed.
+_RETRYABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
 @dataclass
@@ -57,6 +77,13 @@ class ExecutorSettings:
     namespaces: NamespaceOptions = field(default_factory=NamespaceOptions)
     kill_grace_s: float = 5.0
     upload_timeout_s: float = 600.0
+    max_output_bytes: int = 0
+    """Output files, stdout and stderr of one action together; 0: no limit."""
+    max_stdio_bytes: int = 0
+    """stdout and stderr each; 0: no limit."""
+    cleanup_timeout_s: float = 60.0
+    """Bound on each shielded cleanup step (tamper check, work directory removal), so a
+    cancelled action (drain, CancelExecute) ends within about twice this."""
 
 
 @dataclass
@@ -120,8 +147,8 @@ class ActionExecutor:
         try:
             await self._run(start, base, result, progress, finished)
         except ReexecError as e:
-            # User errors are final; the CAS or the worker failing is worth another try.
-            finished.retryable = isinstance(e, (Internal, Unavailable))
+            # Only the CAS being unavailable is worth another try; the rest is final.
+            finished.retryable = isinstance(e, Unavailable)
             finished.status.code = e.status.value
             finished.status.message = e.message
             if e.violations:
@@ -133,16 +160,28 @@ class ActionExecutor:
             finished.retryable = True
             finished.status.code = Status.UNAVAILABLE.value
             finished.status.message = str(e)
-        except Exception as e:
-            # OSError (disk trouble) and anything unexpected: report it, never take the agent
-            # down with it.
-            log.exception("action %s failed on the worker", start.operation_name)
-            finished.retryable = True
+        except OSError as e:
+            if e.errno in _RETRYABLE_ERRNOS:
+                log.warning("action %s: the worker's disk failed: %s", start.operation_name, e)
+            else:
+                log.exception("action %s failed on the worker", start.operation_name)
+            finished.retryable = e.errno in _RETRYABLE_ERRNOS
             finished.status.code = Status.INTERNAL.value
             finished.status.message = f"worker {self.settings.worker_id}: {e}"
+        except Exception as e:
+            # A bug, not the infrastructure: retrying elsewhere would fail the same way. Report
+            # it precisely, never take the agent down with it.
+            log.exception("action %s failed on the worker", start.operation_name)
+            finished.retryable = False
+            finished.status.code = Status.INTERNAL.value
+            finished.status.message = (
+                f"worker {self.settings.worker_id}: unexpected {type(e).__name__}: {e}"
+            )
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_force_remove, base)
+            with trio.move_on_after(self.settings.cleanup_timeout_s, shield=True):
+                # Abandoned on timeout (the thread finishes on its own; `start` removes
+                # whatever is left after a restart): the directory is this attempt's alone.
+                await trio.to_thread.run_sync(_force_remove, base, abandon_on_cancel=True)
         _ts(meta.worker_completed_timestamp, time.time())
         return msg
 
@@ -176,20 +215,17 @@ class ActionExecutor:
         if tree is None:
             try:
                 directories = await load_directories(root_digest, self.access, self.dirs)
-            except MissingInputs as e:
-                raise missing_blobs_error(
-                    "input directories of the action", [d.blob_path for d in e.missing]
-                ) from None
+            except BlobNotFound as e:
+                raise _missing("input directories of the action", e) from None
             tree = plan_tree(root_digest, directories, self.settings.allow_absolute_symlinks)
             self.dirs.put_plan(key, tree)
         entries = tree.entries()
         with self.cache.lease(entries):
             try:
-                await self.cache.ensure(entries)
-            except MissingInputs as e:
-                raise missing_blobs_error(
-                    "inputs of the action", [d.blob_path for d in e.missing]
-                ) from None
+                with self.access.hold([e.digest for e in entries]):
+                    await self.cache.ensure(entries)
+            except BlobNotFound as e:
+                raise _missing("inputs of the action", e) from None
             exec_root = base / "root"
             t0 = trio.current_time()
             await trio.to_thread.run_sync(self._materialize, tree, base, exec_root, command)
@@ -221,7 +257,10 @@ class ActionExecutor:
                 raise _Retryable(f"worker {self.settings.worker_id}: {e}") from None
             finally:
                 # Also when the action was cancelled: a modified input must not stay cached.
-                with trio.CancelScope(shield=True):
+                # Bounded: the check distrusts what it cannot prove within cleanup_timeout_s;
+                # the margin covers removing what it distrusts.
+                bound = 2 * self.settings.cleanup_timeout_s
+                with trio.move_on_after(bound, shield=True):
                     await self._check_inputs(entries, start.operation_name)
             _ts(meta.execution_start_timestamp, run.started_at)
             _ts(meta.execution_completed_timestamp, run.finished_at)
@@ -236,13 +275,17 @@ class ActionExecutor:
         result.exit_code = run.exit_code
         t0 = trio.current_time()
         # Leased before they are indexed: indexing may evict, and these are about to be read.
-        with self.cache.lease(collected.entries):
-            self.cache.register_adopted(collected.entries)
+        # Held in the CAS too: one output must not evict another (or this action's stdout).
+        with (
+            self.cache.lease(collected.entries),
+            self.access.hold(list(collected.uploads)),
+        ):
+            await self.cache.adopter.register(collected.adopted)
             with trio.move_on_after(self.settings.upload_timeout_s) as upload_scope:
                 try:
                     await self.access.upload(collected.uploads)
                 except ReexecError as e:
-                    raise _Retryable(f"uploading outputs failed: {e.message}") from None
+                    raise type(e)(f"uploading outputs failed: {e.message}") from None
             if upload_scope.cancelled_caught:
                 raise _Retryable(f"uploading outputs took over {self.settings.upload_timeout_s:g}s")
         self.stats.upload_seconds += trio.current_time() - t0
@@ -258,9 +301,8 @@ class ActionExecutor:
             finished.message = run.error
 
     async def _check_inputs(self, entries: list, operation_name: str) -> None:  # type: ignore[type-arg]
-        broken = await trio.to_thread.run_sync(self.cache.check_intact_sync, entries)
+        broken = await self.cache.tamper.check(entries, self.settings.cleanup_timeout_s)
         if broken:
-            await self.cache.drop_broken(broken)
             self.stats.tampered += len(broken)
             log.warning(
                 "action %s modified %d linked input file(s); removed them from the cache",
@@ -274,7 +316,7 @@ class ActionExecutor:
         base.mkdir()
         (base / "tmp").mkdir()
         exec_root.mkdir()
-        stats = materialize_sync(tree, exec_root, self.cache)
+        stats = build_input_root_sync(tree, exec_root, self.cache.path_str)
         self.stats.links += stats.links
         self.stats.copies += stats.copies
         prepare_outputs_sync(exec_root, command)
@@ -311,14 +353,24 @@ class ActionExecutor:
     def _collect(
         self, exec_root: Path, command: fastpb.Message, function: DigestFunction, base: Path
     ) -> CollectedOutputs:
-        out = collect_outputs_sync(exec_root, command, function, self.cache)
-        result = out.result
-        for name, field_name in (("stdout", "stdout_digest"), ("stderr", "stderr_digest")):
-            path = base / name
-            if path.exists():
-                d = log_blob_sync(path, function, self.cache, out)
-                target = getattr(result, field_name)
-                target.hash, target.size_bytes = d.hash, d.size
+        limits = OutputLimits(
+            max_total_bytes=self.settings.max_output_bytes,
+            max_stdio_bytes=self.settings.max_stdio_bytes,
+            max_blob_bytes=self.access.max_blob_bytes(),
+        )
+        adopter = self.cache.adopter
+        logs = [
+            (base / name, field_name)
+            for name, field_name in (("stdout", "stdout_digest"), ("stderr", "stderr_digest"))
+            if (base / name).exists()
+        ]
+        for path, _ in logs:
+            check_stdio_size(path, limits)  # before any output is hashed
+        out = collect_outputs_sync(exec_root, command, function, adopter, limits)
+        for path, field_name in logs:
+            d = log_blob_sync(path, function, adopter, out, limits)
+            target = getattr(out.result, field_name)
+            target.hash, target.size_bytes = d.hash, d.size
         return out
 
     def _namespaces(self, action: fastpb.Message, command: fastpb.Message) -> NamespaceOptions:
@@ -328,6 +380,13 @@ class ActionExecutor:
         if props.get("network") == "off" and not ns.network:
             return NamespaceOptions(network=True, pid=ns.pid, private_tmp=ns.private_tmp)
         return ns
+
+
+def _missing(what: str, e: BlobNotFound) -> ReexecError:
+    """FAILED_PRECONDITION with a MISSING violation per blob, whether FindMissingBlobs said so
+    (MissingInputs lists them all) or a read found one gone (evicted since)."""
+    missing: list[Digest] = getattr(e, "missing", None) or [e.digest]
+    return missing_blobs_error(what, [d.blob_path for d in missing])
 
 
 def _check_command(argv: list[str], env: dict[str, str]) -> None:

@@ -55,6 +55,8 @@ async def build_worker(
             namespaces=namespaces,
             kill_grace_s=wc.sandbox.kill_grace_s,
             upload_timeout_s=wc.upload_timeout_s,
+            max_output_bytes=parse_size(wc.max_output_bytes),
+            max_stdio_bytes=parse_size(wc.max_stdio_bytes),
         ),
         cache,
         access,

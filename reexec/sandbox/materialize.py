@@ -2,16 +2,14 @@
 
 `load_directories` fetches a tree's Directory messages (parsed ones are cached by digest, so a
 repeated subtree is never fetched or parsed twice). `plan_tree` validates them into an
-`InputTree` (pure; plans are cached by root digest). `materialize_sync` makes the directories
-and hardlinks every file from the local cache, in one worker thread.
+`InputTree` (pure; plans are cached by root digest). `reexec/sandbox/input_root.py` then builds
+the input root on disk from the worker cache.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import posixpath
-import shutil
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,8 +20,9 @@ from google.protobuf.message import DecodeError
 from reexec import fastpb
 from reexec.cas.digest import Digest, make_digest
 from reexec.errors import InvalidArgument
+from reexec.sandbox.cache_index import Entry
 from reexec.sandbox.cas_access import CasAccess
-from reexec.sandbox.local_cas import Entry, LocalCas, MissingInputs
+from reexec.sandbox.input_fetcher import MissingInputs
 
 MAX_TREE_ENTRIES = 2_000_000
 
@@ -187,38 +186,6 @@ def plan_tree(
             stack.append((path + "/", _child_digest(d, digest), depth + 1))
     tree.dirs.sort(key=lambda p: p.count("/"))
     return tree
-
-
-@dataclass
-class MaterializeStats:
-    links: int = 0
-    copies: int = 0
-
-
-def materialize_sync(tree: InputTree, dest: Path, cache: LocalCas) -> MaterializeStats:
-    """Create the tree under `dest` (which must exist and be empty). Runs in a thread."""
-    stats = MaterializeStats()
-    base = str(dest) + "/"
-    mkdir = os.mkdir
-    link = os.link
-    for d in tree.dirs:
-        mkdir(base + d)
-    cache_path = cache.path_str
-    for rel, entry in tree.files:
-        src = cache_path(entry)
-        try:
-            link(src, base + rel)
-            stats.links += 1
-        except OSError as e:
-            if e.errno not in (errno.EMLINK, errno.EXDEV, errno.EPERM):
-                raise
-            # Too many links on the cache inode, or another file system: copy this one.
-            shutil.copyfile(src, base + rel)
-            os.chmod(base + rel, 0o555 if entry.executable else 0o444)
-            stats.copies += 1
-    for rel, target in tree.symlinks:
-        os.symlink(target, base + rel)
-    return stats
 
 
 def output_paths(command: fastpb.Message) -> list[str]:

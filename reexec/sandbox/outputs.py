@@ -4,6 +4,10 @@ Runs in a worker thread: walks the declared outputs, hashes files, moves them (r
 copy) into the local cache, and builds Tree messages for output directories. Returns the
 ActionResult and the blobs the CAS must receive. Declared outputs that do not exist are simply
 left out (REAPI).
+
+Limits are checked from each file's size before it is hashed, so a huge (even sparse) output
+fails the action at once with a precise, final error (`OutputTooLarge`) instead of being read,
+and one action can never push a blob into the CAS that it would refuse or that would empty it.
 """
 
 from __future__ import annotations
@@ -15,18 +19,38 @@ from pathlib import Path
 
 from reexec import fastpb
 from reexec.cas.digest import Digest, DigestFunction, digest_of, new_hasher
-from reexec.sandbox.local_cas import Entry, LocalCas
+from reexec.errors import InvalidArgument, ResourceExhausted
+from reexec.sandbox.cache_index import Entry, Installed
 from reexec.sandbox.materialize import check_relative
+from reexec.sandbox.output_adopter import OutputAdopter
 
 _CHUNK = 1 << 20
+
+
+class OutputTooLarge(ResourceExhausted):
+    """An output (or all of them) is over a configured limit: the action fails, finally."""
+
+
+@dataclass(frozen=True)
+class OutputLimits:
+    max_total_bytes: int = 0
+    """Output files, stdout and stderr together (worker.max_output_bytes); 0: no limit."""
+    max_stdio_bytes: int = 0
+    """stdout and stderr each (worker.max_stdio_bytes); 0: no limit."""
+    max_blob_bytes: int | None = None
+    """The largest blob the CAS accepts (Store.max_blob_bytes), if known."""
 
 
 @dataclass
 class CollectedOutputs:
     result: fastpb.Message  # ActionResult with outputs filled in
     uploads: dict[Digest, Path | bytes] = field(default_factory=dict)
-    entries: list[Entry] = field(default_factory=list)  # adopted into the local cache
+    adopted: list[Installed] = field(default_factory=list)  # to record in the cache index
     bytes_total: int = 0
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [a.entry for a in self.adopted]
 
 
 def hash_file(path: str | os.PathLike[str], function: DigestFunction) -> Digest:
@@ -40,27 +64,68 @@ def hash_file(path: str | os.PathLike[str], function: DigestFunction) -> Digest:
 
 
 class _Collector:
-    def __init__(self, cache: LocalCas, function: DigestFunction, out: CollectedOutputs) -> None:
-        self.cache = cache
+    def __init__(
+        self,
+        adopter: OutputAdopter,
+        function: DigestFunction,
+        out: CollectedOutputs,
+        limits: OutputLimits,
+        root: Path,
+    ) -> None:
+        self.adopter = adopter
         self.function = function
         self.out = out
+        self.limits = limits
+        self.root = root
 
-    def file(self, path: Path) -> tuple[Digest, bool]:
+    def _check_size(self, size: int, what: str) -> None:
+        limits = self.limits
+        if limits.max_blob_bytes is not None and size > limits.max_blob_bytes:
+            raise OutputTooLarge(
+                f"{what} is {size} bytes, larger than the {limits.max_blob_bytes} bytes the CAS "
+                "accepts for one blob"
+            )
+        total = self.out.bytes_total + size
+        if limits.max_total_bytes and total > limits.max_total_bytes:
+            raise OutputTooLarge(
+                f"the action's outputs exceed the worker's limit of {limits.max_total_bytes} "
+                f"bytes (worker.max_output_bytes) at {what} ({size} bytes)"
+            )
+
+    def file(self, path: Path, what: str | None = None) -> tuple[Digest, bool]:
         """Hash a regular file, move it into the cache, and note it for upload."""
+        what = what or f"output file {os.path.relpath(path, self.root)!r}"
         st = os.lstat(path)
         executable = bool(st.st_mode & stat.S_IXUSR)
+        self._check_size(st.st_size, what)  # before reading a byte of it
         digest = hash_file(path, self.function)
-        entry = Entry(digest, executable)
-        cached = self.cache.adopt_sync(path, entry)
-        self.out.entries.append(entry)
-        self.out.uploads.setdefault(digest, cached)
+        self._check_size(digest.size, what)  # it may have grown meanwhile
+        adopted = self.adopter.adopt_sync(path, Entry(digest, executable))
+        self.out.adopted.append(adopted)
+        self.out.uploads.setdefault(digest, self.adopter.index.path(adopted.entry))
         self.out.bytes_total += digest.size
         return digest, executable
 
     def blob(self, data: bytes) -> Digest:
         digest = digest_of(data, self.function)
+        if self.limits.max_blob_bytes is not None and digest.size > self.limits.max_blob_bytes:
+            raise OutputTooLarge(
+                f"a Directory or Tree message of the outputs is {digest.size} bytes, larger "
+                f"than the {self.limits.max_blob_bytes} bytes the CAS accepts for one blob"
+            )
         self.out.uploads.setdefault(digest, data)
         return digest
+
+    def _utf8(self, name: str, path: str) -> str:
+        """REAPI names and symlink targets are UTF-8; a file system name need not be."""
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument(
+                f"output directory {os.path.relpath(path, self.root)!r} holds "
+                f"{os.fsencode(name)!r}, a file name or symlink target that is not valid UTF-8"
+            ) from None
+        return name
 
     def directory(self, path: Path, children: dict[Digest, bytes]) -> tuple[bytes, fastpb.Message]:
         """The Directory message for `path` (sorted entries); children collected into `children`."""
@@ -69,8 +134,10 @@ class _Collector:
             items = sorted(it, key=lambda e: e.name)
         for item in items:
             full = Path(item.path)
+            self._utf8(item.name, str(path))
             if item.is_symlink():
-                d.symlinks.add(name=item.name, target=os.readlink(full))
+                target = self._utf8(os.readlink(full), str(path))
+                d.symlinks.add(name=item.name, target=target)
             elif item.is_dir(follow_symlinks=False):
                 raw, _ = self.directory(full, children)
                 digest = self.blob(raw)
@@ -86,11 +153,15 @@ class _Collector:
 
 
 def collect_outputs_sync(
-    exec_root: Path, command: fastpb.Message, function: DigestFunction, cache: LocalCas
+    exec_root: Path,
+    command: fastpb.Message,
+    function: DigestFunction,
+    adopter: OutputAdopter,
+    limits: OutputLimits | None = None,
 ) -> CollectedOutputs:
     result = fastpb.ActionResult()
     out = CollectedOutputs(result)
-    c = _Collector(cache, function, out)
+    c = _Collector(adopter, function, out, limits or OutputLimits(), exec_root)
     wd = command.working_directory
     v21 = len(command.output_paths) > 0
     declared: list[tuple[str, str]] = (
@@ -111,7 +182,7 @@ def collect_outputs_sync(
         except FileNotFoundError:
             continue
         if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(full)
+            target = c._utf8(os.readlink(full), str(full.parent))
             result.output_symlinks.add(path=rel, target=target)
             if not v21:
                 # Clients of v2.0 read the older fields, chosen by the declared kind.
@@ -162,8 +233,26 @@ def _parents_are_directories(exec_root: Path, rel: str) -> bool:
     return True
 
 
+def check_stdio_size(path: Path, limits: OutputLimits) -> None:
+    size = os.lstat(path).st_size
+    if limits.max_stdio_bytes and size > limits.max_stdio_bytes:
+        raise OutputTooLarge(
+            f"the action's {path.name} is {size} bytes, over the worker's limit of "
+            f"{limits.max_stdio_bytes} bytes (worker.max_stdio_bytes)"
+        )
+
+
 def log_blob_sync(
-    path: Path, function: DigestFunction, cache: LocalCas, out: CollectedOutputs
+    path: Path,
+    function: DigestFunction,
+    adopter: OutputAdopter,
+    out: CollectedOutputs,
+    limits: OutputLimits | None = None,
 ) -> Digest:
-    """stdout/stderr: hashed and adopted into the cache like any output file."""
-    return _Collector(cache, function, out).file(path)[0]
+    """stdout/stderr: hashed and adopted into the cache like any output file, within
+    `limits.max_stdio_bytes` and the total."""
+    limits = limits or OutputLimits()
+    check_stdio_size(path, limits)
+    return _Collector(adopter, function, out, limits, path.parent).file(
+        path, f"the action's {path.name}"
+    )[0]

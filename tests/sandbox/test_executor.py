@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import shutil
@@ -20,7 +21,7 @@ from reexec import fastpb
 from reexec.cas.digest import Digest, digest_of
 from reexec.cas.filesystem import FilesystemStore
 from reexec.cas.verify import VerifyingStore
-from reexec.errors import Internal
+from reexec.errors import Internal, Unavailable
 from reexec.sandbox.cas_access import LocalStoreAccess
 from reexec.sandbox.executor import (
     EXECUTING,
@@ -137,15 +138,21 @@ class Env:
         return list(self.work.iterdir()) == []
 
 
-async def make_env(root: Path, run_as: str | None = None, work: Path | None = None) -> Env:
-    fs = FilesystemStore(root / "cas", 0)
+async def make_env(
+    root: Path,
+    run_as: str | None = None,
+    work: Path | None = None,
+    cas_max_bytes: int = 0,
+    **settings_kw,  # type: ignore[no-untyped-def]
+) -> Env:
+    fs = FilesystemStore(root / "cas", cas_max_bytes)
     await fs.start()
     access = LocalStoreAccess(VerifyingStore(fs))
     cache = LocalCas(root / "cache", 0, access)
     await cache.start()
     work = work or root / "work"
     settings = ExecutorSettings(
-        work_directory=work, worker_id="worker-7", run_as=run_as, kill_grace_s=0.2
+        work_directory=work, worker_id="worker-7", run_as=run_as, kill_grace_s=0.2, **settings_kw
     )
     executor = ActionExecutor(settings, cache, access, DirectoryCache())
     await executor.start()
@@ -205,7 +212,7 @@ async def test_successful_action(env: Env) -> None:
     assert (s.actions, s.tampered) == (1, 0)
     assert s.links == 2 and s.copies == 0  # both inputs hardlinked from the cache
     inputs = [Entry(digest_of(DATA), False), Entry(digest_of(SCRIPT), True)]
-    assert env.cache.check_intact_sync(inputs) == []
+    assert await env.cache.tamper.check(inputs) == []
 
 
 async def test_working_directory(env: Env) -> None:
@@ -324,9 +331,28 @@ async def test_timeout_keeps_partial_stdout(env: Env) -> None:
 # -- infrastructure errors --------------------------------------------------------------------
 
 
-async def test_cas_failure_is_retryable(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("error", "code", "retryable"),
+    [
+        # Issue 9 item 9: only an allow-list of infrastructure failures is retried.
+        (Unavailable("the CAS is unreachable"), Status.UNAVAILABLE, True),
+        (OSError(errno.ENOSPC, "No space left on device"), Status.INTERNAL, True),
+        (OSError(errno.EIO, "Input/output error"), Status.INTERNAL, True),
+        (Internal("downloaded blob does not match its digest"), Status.INTERNAL, False),
+        (OSError(errno.EACCES, "Permission denied"), Status.INTERNAL, False),
+        (RuntimeError("surprise"), Status.INTERNAL, False),
+    ],
+    ids=["unavailable", "enospc", "eio", "internal", "eacces", "bug"],
+)
+async def test_only_infrastructure_failures_are_retryable(
+    env: Env,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    code: Status,
+    retryable: bool,
+) -> None:
     async def broken_fetch(digest: Digest, path: Path) -> None:
-        raise Internal("disk on fire")
+        raise error
 
     async def no_local(digests: list[Digest]) -> dict[Digest, str]:
         return {}  # force the fetch path, which fails
@@ -334,22 +360,10 @@ async def test_cas_failure_is_retryable(env: Env, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(env.access, "local_sources", no_local)
     monkeypatch.setattr(env.access, "fetch_to", broken_fetch)
     f = await env.run(await env.start(await env.tree()))
-    assert f.status.code == Status.INTERNAL.value and f.retryable
-    assert "disk on fire" in f.status.message
-    assert env.work_is_clean()
-
-
-async def test_unexpected_error_is_retryable(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken_fetch(digest: Digest, path: Path) -> None:
-        raise RuntimeError("surprise")
-
-    async def no_local(digests: list[Digest]) -> dict[Digest, str]:
-        return {}  # force the fetch path, which fails
-
-    monkeypatch.setattr(env.access, "local_sources", no_local)
-    monkeypatch.setattr(env.access, "fetch_to", broken_fetch)
-    f = await env.run(await env.start(await env.tree()))
-    assert f.status.code == Status.INTERNAL.value and f.retryable
+    assert f.status.code == code.value
+    assert f.retryable is retryable
+    shown = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
+    assert shown in f.status.message
     assert env.work_is_clean()
 
 
@@ -510,7 +524,7 @@ echo generated > gen/nested/g.txt
     assert [d.path for d in f.result.output_directories] == ["gen"]
     # Inputs and the store are intact; nothing was flagged.
     entries = [Entry(digest_of(DATA), False), Entry(digest_of(script), True)]
-    assert env.cache.check_intact_sync(entries) == []
+    assert await env.cache.tamper.check(entries) == []
     assert env.executor.stats.tampered == 0
     assert env.fs.blob_path(digest_of(DATA)).read_bytes() == DATA
     # Outputs adopted into the cache belong to the worker, not to the action's user.

@@ -31,7 +31,7 @@ def mode_of(path: Path) -> int:
 
 
 def entries_on_disk(cache: LocalCas) -> list[str]:
-    return sorted(p.name for p in cache.files.rglob("*") if p.is_file())
+    return sorted(p.name for p in cache.index.files.rglob("*") if p.is_file())
 
 
 @pytest.fixture(params=[False, True], ids=["one-by-one", "batched"])
@@ -112,7 +112,7 @@ async def test_missing_inputs_lists_every_missing_digest(tmp_path: Path, batched
     assert gone[0].blob_path in info.value.message and "3 input blob(s)" in info.value.message
     # What was there was still fetched; nothing is left in tmp/.
     assert cache.path(Entry(present, False)).read_bytes() == b"here"
-    assert list(cache.tmp.iterdir()) == []
+    assert list(cache.index.tmp.iterdir()) == []
     # Nothing is stuck in flight: asking again asks the CAS again.
     with pytest.raises(MissingInputs):
         await cache.ensure(wanted)
@@ -128,7 +128,7 @@ async def test_access_failure_is_raised_plainly_not_as_a_group(tmp_path: Path) -
     cache = await open_cache(tmp_path / "cache", access)
     with pytest.raises(Internal, match="on fire"):
         await cache.ensure([Entry(d, False), Entry(access.put(b"y"), False)])
-    assert list(cache.tmp.iterdir()) == []
+    assert list(cache.index.tmp.iterdir()) == []
 
 
 # -- eviction ---------------------------------------------------------------------------------
@@ -185,12 +185,12 @@ async def test_restart_keeps_good_files_and_drops_corrupt_ones(tmp_path: Path) -
     os.chmod(cache.path(chmodded), 0o755)
     foreign = cache.path(good[0]).parent / "not-an-entry"
     foreign.write_bytes(b"?")
-    (cache.tmp / "partial-download").write_bytes(b"half")
+    (cache.index.tmp / "partial-download").write_bytes(b"half")
 
     access.fetches.clear()
     again = await open_cache(root, access)
     assert again.stats_dict()["files"] == 2
-    assert list(again.tmp.iterdir()) == []
+    assert list(again.index.tmp.iterdir()) == []
     assert not again.path(short).exists() and not again.path(chmodded).exists()
     assert not foreign.exists()
     await again.ensure(good)
@@ -200,7 +200,7 @@ async def test_restart_keeps_good_files_and_drops_corrupt_ones(tmp_path: Path) -
     assert again.path(short).read_bytes() == b"will be truncated"
     assert mode_of(again.path(chmodded)) == 0o555
     # The restarted cache checks intactness against the mtimes it found.
-    assert again.check_intact_sync(good) == []
+    assert await again.tamper.check(good) == []
 
 
 # -- tamper detection -------------------------------------------------------------------------
@@ -223,21 +223,20 @@ async def test_check_intact_detects_changes_and_removes_the_file(tmp_path: Path)
     st = os.stat(cache.path(es["touched"]))
     os.utime(cache.path(es["touched"]), ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
 
-    broken = cache.check_intact_sync(es.values())
+    broken = await cache.tamper.check(es.values())
     assert sorted(broken) == sorted(es[n] for n in ("appended", "chmodded", "rewritten", "deleted"))
     for e in broken:
         assert not cache.path(e).exists()
     assert cache.path(es["intact"]).exists() and cache.path(es["touched"]).exists()
-    assert cache.check_intact_sync([es["touched"]]) == []
+    assert await cache.tamper.check([es["touched"]]) == []
 
-    cache.forget(broken)
     assert cache.stats_dict()["repaired"] == 4
     access.fetches.clear()
     await cache.ensure(es.values())
     assert set(access.fetches) == {e.digest for e in broken}
     for n, e in es.items():
         assert cache.path(e).read_bytes() == f"content of {n}".encode()
-    assert cache.check_intact_sync(es.values()) == []
+    assert await cache.tamper.check(es.values()) == []
 
 
 async def test_check_intact_mtime_change_with_same_size_is_detected(tmp_path: Path) -> None:
@@ -249,7 +248,7 @@ async def test_check_intact_mtime_change_with_same_size_is_detected(tmp_path: Pa
     st = os.stat(path)
     overwrite(path, b"9876543210")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-    assert cache.check_intact_sync([e]) == [e]
+    assert await cache.tamper.check([e]) == [e]
     assert not path.exists()
 
 
@@ -266,18 +265,19 @@ async def test_adopt_moves_the_file_and_takes_ownership(tmp_path: Path) -> None:
         os.chown(out, 12345, 12345)  # written by an action that ran as another user
     before = inode(out)
     e = Entry(digest_of(b"output"), True)
-    final = cache.adopt_sync(out, e)
+    adopted = cache.adopter.adopt_sync(out, e)
+    final = cache.path(e)
     assert final == cache.path(e) and not out.exists()
     assert inode(final) == before
     st = os.lstat(final)
     assert stat.S_IMODE(st.st_mode) == 0o555
     assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
-    cache.register_adopted([e])
-    assert cache.check_intact_sync([e]) == []
+    await cache.adopter.register([adopted])
+    assert await cache.tamper.check([e]) == []
 
     # The same output again: the new file is dropped, the entry stays.
     out.write_bytes(b"output")
-    assert cache.adopt_sync(out, e) == final and not out.exists()
+    assert cache.adopter.adopt_sync(out, e).entry == e and not out.exists()
     assert inode(final) == before
 
 
@@ -335,7 +335,7 @@ async def test_cache_over_filesystem_store_shares_inodes_but_never_modes(tmp_pat
     assert mode_of(fs.blob_path(d)) == 0o444
     assert mode_of(cache.path(plain)) == 0o444
     assert mode_of(cache.path(exe)) == 0o555
-    assert cache.check_intact_sync([plain, exe]) == []
+    assert await cache.tamper.check([plain, exe]) == []
 
 
 async def test_store_reading_a_shared_blob_is_not_tampering(tmp_path: Path) -> None:
@@ -349,7 +349,7 @@ async def test_store_reading_a_shared_blob_is_not_tampering(tmp_path: Path) -> N
     st = os.stat(fs.blob_path(d))
     os.utime(fs.blob_path(d), ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))  # make it visible
     assert await fs.get_bytes(d) == data  # the store touches the blob it reads
-    assert cache.check_intact_sync([e]) == []
+    assert await cache.tamper.check([e]) == []
     assert cache.path(e).exists()
 
 
@@ -367,9 +367,8 @@ async def test_tampered_entry_sharing_the_stores_inode_is_dropped_from_the_store
     e, e2 = Entry(d, False), Entry(other, False)
     await cache.ensure([e, e2])
     append(cache.path(e), b" and corrupted")
-    broken = cache.check_intact_sync([e, e2])
+    broken = await cache.tamper.check([e, e2])
     assert broken == [e]
-    await cache.drop_broken(broken)
     # The store held the same (now corrupted) inode: it no longer claims to have the blob.
     assert await fs.find_missing([d, other]) == [d]
     assert not fs.blob_path(d).exists()
@@ -390,8 +389,7 @@ async def test_tampered_copy_leaves_the_store_alone(tmp_path: Path) -> None:
     e = Entry(d, True)  # a copy (other mode than the store's blob)
     await cache.ensure([e])
     append(cache.path(e), b"!")
-    broken = cache.check_intact_sync([e])
-    await cache.drop_broken(broken)
+    assert await cache.tamper.check([e]) == [e]
     assert await fs.find_missing([d]) == []
     await cache.ensure([e])
     assert cache.path(e).read_bytes() == data

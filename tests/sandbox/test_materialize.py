@@ -1,4 +1,4 @@
-"""Input trees: validation (plan_tree), the input root on disk (materialize_sync), Directory
+"""Input trees: validation (plan_tree), the input root on disk (build_input_root_sync), Directory
 loading with its cache, and the parents of declared outputs (prepare_outputs_sync)."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import pytest
 from reexec import fastpb
 from reexec.cas.digest import Digest, digest_of
 from reexec.errors import InvalidArgument
+from reexec.sandbox.input_root import build_input_root_sync
 from reexec.sandbox.local_cas import Entry, LocalCas, MissingInputs
 from reexec.sandbox.materialize import (
     DirectoryCache,
     InputTree,
     InvalidInputTree,
     load_directories,
-    materialize_sync,
     plan_tree,
     prepare_outputs_sync,
 )
@@ -191,7 +191,7 @@ def test_depth_limit() -> None:
         plan_tree(root, dirs)
 
 
-# -- materialize_sync -------------------------------------------------------------------------
+# -- build_input_root_sync ---------------------------------------------------------------------
 
 
 async def cache_with(tmp_path: Path, tree: InputTree, access: FakeAccess) -> LocalCas:
@@ -221,7 +221,7 @@ async def test_materialize_creates_dirs_files_and_symlinks_as_hardlinks(tmp_path
     cache = await cache_with(tmp_path, tree, access)
     dest = tmp_path / "out" / "root"
     dest.mkdir(parents=True)
-    stats = materialize_sync(tree, dest, cache)
+    stats = build_input_root_sync(tree, dest, cache.path_str)
 
     assert stats.links == len(tree.files) and stats.copies == 0
     for rel in ("sub", "sub/leaf", "other"):
@@ -263,7 +263,7 @@ async def test_materialize_copies_when_the_cache_inode_has_too_many_links(
     monkeypatch.setattr(os, "link", flaky_link)
     dest = tmp_path / "root"
     dest.mkdir()
-    stats = materialize_sync(tree, dest, cache)
+    stats = build_input_root_sync(tree, dest, cache.path_str)
     monkeypatch.undo()
 
     n = len(tree.files)
@@ -299,7 +299,7 @@ async def test_materialize_other_link_errors_propagate(
     dest = tmp_path / "root"
     dest.mkdir()
     with pytest.raises(OSError) as info:
-        materialize_sync(tree, dest, cache)
+        build_input_root_sync(tree, dest, cache.path_str)
     assert info.value.errno == errno.ENOSPC
 
 
@@ -323,7 +323,7 @@ async def test_materialize_never_writes_outside_dest(tmp_path: Path) -> None:
         }
 
     before = snapshot()
-    materialize_sync(tree, dest, cache)
+    build_input_root_sync(tree, dest, cache.path_str)
     assert snapshot() == before
     found = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
     expected = ["dot", "h", "sub", "sub/abs", "sub/g", "sub/leaf", "sub/leaf/f"]

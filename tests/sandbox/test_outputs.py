@@ -43,7 +43,9 @@ def wire(d: fastpb.Message) -> Digest:
 
 
 def collect(root: Path, cache: LocalCas, **fields) -> CollectedOutputs:  # type: ignore[no-untyped-def]
-    return collect_outputs_sync(root, fastpb.Command(arguments=["x"], **fields), SHA256, cache)
+    return collect_outputs_sync(
+        root, fastpb.Command(arguments=["x"], **fields), SHA256, cache.adopter
+    )
 
 
 def uploaded_bytes(out: CollectedOutputs, d: Digest) -> bytes:
@@ -291,7 +293,7 @@ async def test_log_blob_is_adopted_and_uploaded(
 ) -> None:
     out = collect(root, cache)
     log = write(tmp_path / "stdout", b"hello\n")
-    d = log_blob_sync(log, SHA256, cache, out)
+    d = log_blob_sync(log, SHA256, cache.adopter, out)
     assert d == digest_of(b"hello\n")
     assert not log.exists()
     assert uploaded_bytes(out, d) == b"hello\n"
