@@ -1,8 +1,11 @@
-"""OperationStore: the one place operation records live, updated by compare-and-set.
+"""OperationStore: the one place operation records live, written with a version check.
 
-In memory here; the interface (get / create / compare_and_set / delete, plus change
-notification) is what a shared store such as Redis would provide, so scheduler replicas could
-run the same transition code without locks.
+In memory, owned by one scheduler process, and only touched from its Trio thread; the scheduler
+never awaits between a `get` and the `compare_and_set` that follows, so today the version check
+cannot fail (a failure is a bug). The interface (get / create / compare_and_set / delete, plus
+change notification) is the one a store shared by several schedulers has to offer; only then
+does the compare-and-set become a real one that can lose a race and be retried. The queues,
+worker slots and timers are not in the store: they are the owning process's indexes.
 """
 
 from __future__ import annotations
