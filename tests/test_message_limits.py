@@ -144,7 +144,12 @@ async def test_undecodable_message_is_invalid_argument(daemon):
 
 
 async def test_largest_find_missing_does_not_stall_other_rpcs(channel):
-    big = find_missing_request(100_000)  # ~7.2 MiB: under the limit
+    # ~7.2 MiB, under the limit: 100,000 digests, but only 100 distinct ones, so the answer is
+    # small and the client (in this process, on the same event loop) has little to decode.
+    few = find_missing_request(100)
+    big = fastpb.FindMissingBlobsRequest()
+    for _ in range(1000):
+        big.blob_digests.extend(few.blob_digests)
     assert big.ByteSize() < DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
     probe = find_missing_request(1)
     latencies: list[float] = []
@@ -162,6 +167,33 @@ async def test_largest_find_missing_does_not_stall_other_rpcs(channel):
         await trio.sleep(0.05)
         resp = await unary(channel, "FindMissingBlobs", big, fastpb.FindMissingBlobsResponse)
         done.set()
-    assert len(resp.missing_blob_digests) == 100_000
-    # Decoding the 7 MiB request (upb, ~60 ms) is the longest single stretch left.
-    assert max(latencies) < 0.25, sorted(latencies)[-5:]
+    assert len(resp.missing_blob_digests) == 100
+    # Loose: this process also encodes the request. The deterministic check is below.
+    assert max(latencies) < 1.0, sorted(latencies)[-5:]
+    print(f"probe latency max {max(latencies):.3f}s over {len(latencies)} calls")
+
+
+async def test_find_missing_yields_to_other_tasks_between_chunks():
+    """The event loop gets a turn at least every FIND_MISSING_CHUNK digests."""
+    from reexec.cas.cas_service import FIND_MISSING_CHUNK, CasService
+    from reexec.cas.memory import MemoryStore
+
+    service = CasService(MemoryStore(1 << 30), max_batch_total_size_bytes=4 << 20)
+    request = find_missing_request(10 * FIND_MISSING_CHUNK + 1)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        before = ticks
+        response = await service.find_missing_blobs(request)
+        during = ticks - before
+        nursery.cancel_scope.cancel()
+    assert len(response.missing_blob_digests) == 10 * FIND_MISSING_CHUNK + 1
+    assert during >= 5  # ~one turn per chunk (10 boundaries); 0 without chunking
