@@ -46,7 +46,7 @@ from reexec.sandbox.materialize import (
     check_relative,
     load_directories,
     output_paths,
-    plan_tree,
+    plan_input_tree,
     prepare_outputs_sync,
 )
 from reexec.sandbox.outputs import (
@@ -217,7 +217,9 @@ class ActionExecutor:
                 directories = await load_directories(root_digest, self.access, self.dirs)
             except BlobNotFound as e:
                 raise _missing("input directories of the action", e) from None
-            tree = plan_tree(root_digest, directories, self.settings.allow_absolute_symlinks)
+            tree = await plan_input_tree(
+                root_digest, directories, self.settings.allow_absolute_symlinks
+            )
             self.dirs.put_plan(key, tree)
         entries = tree.entries()
         with self.cache.lease(entries):

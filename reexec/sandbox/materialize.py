@@ -2,8 +2,11 @@
 
 `load_directories` fetches a tree's Directory messages (parsed ones are cached by digest, so a
 repeated subtree is never fetched or parsed twice). `plan_tree` validates them into an
-`InputTree` (pure; plans are cached by root digest). `reexec/sandbox/input_root.py` then builds
-the input root on disk from the worker cache.
+`InputTree` (pure; plans are cached by root digest). `plan_input_tree` bounds the expanded size
+first, from the DAG alone (memoised subtree sizes, `reexec.cas.tree_size`), so a small Directory
+DAG that names one subtree many times (41 blobs can expand to 2^40 entries) is refused before
+anything is expanded; sizing and planning of large trees run in a worker thread, never on the
+Trio thread. `reexec/sandbox/input_root.py` then builds the input root on disk from the cache.
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trio
 from google.protobuf.message import DecodeError
 
 from reexec import fastpb
 from reexec.cas.digest import Digest, make_digest
+from reexec.cas.tree_size import MAX_TREE_DEPTH, MAX_TREE_ENTRIES, subtree_sizes
 from reexec.errors import InvalidArgument
 from reexec.sandbox.cache_index import Entry
 from reexec.sandbox.cas_access import CasAccess
 from reexec.sandbox.input_fetcher import MissingInputs
 
-MAX_TREE_ENTRIES = 2_000_000
+# Above these, sizing a DAG / planning a tree moves to a worker thread (a few ms of work).
+SIZE_INLINE_DIRECTORIES = 1_000
+PLAN_INLINE_ENTRIES = 5_000
 
 
 class InvalidInputTree(InvalidArgument):
@@ -130,6 +137,36 @@ async def load_directories(
     return out
 
 
+async def plan_input_tree(
+    root: Digest, directories: dict[Digest, fastpb.Message], allow_absolute_symlinks: bool = False
+) -> InputTree:
+    """`plan_tree`, once the tree's expanded size is known to be within the limits.
+
+    Raises TreeTooLarge (INVALID_ARGUMENT) for a tree over MAX_TREE_ENTRIES entries or
+    MAX_TREE_DEPTH levels, at a cost linear in the distinct directories; the expansion itself
+    runs only for trees within the limits, in a worker thread when large. The messages are not
+    mutated by anyone meanwhile (parsed, then only read), so the threads may read them.
+    """
+    fn = int(root.function)
+
+    def sizes() -> int:
+        return subtree_sizes(
+            root,
+            directories,
+            lambda node: make_digest(node.digest.hash, node.digest.size_bytes, fn),
+            max_entries=MAX_TREE_ENTRIES,
+            max_depth=MAX_TREE_DEPTH,
+        )[root].entries
+
+    if len(directories) > SIZE_INLINE_DIRECTORIES:
+        entries = await trio.to_thread.run_sync(sizes)
+    else:
+        entries = sizes()
+    if entries > PLAN_INLINE_ENTRIES:
+        return await trio.to_thread.run_sync(plan_tree, root, directories, allow_absolute_symlinks)
+    return plan_tree(root, directories, allow_absolute_symlinks)
+
+
 def _check_name(name: str, where: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise InvalidInputTree(f"invalid name {name!r} in {where}")
@@ -147,8 +184,8 @@ def plan_tree(
         if depth > 256:
             raise InvalidInputTree(f"input tree is deeper than 256 levels at {prefix!r}")
         directory = directories[digest]
-        # Shared subtrees expand at every place they appear; bound the total so one small
-        # request cannot make the worker build an exponentially large tree.
+        # Shared subtrees expand at every place they appear: plan_input_tree refuses trees over
+        # the limit before expanding; this stays as the bound for direct callers.
         entries += len(directory.files) + len(directory.directories) + len(directory.symlinks)
         if entries > MAX_TREE_ENTRIES:
             raise InvalidInputTree(f"the input tree has more than {MAX_TREE_ENTRIES:,} entries")
