@@ -35,7 +35,7 @@ import trio
 from reexec.cas.action_cache import ActionCache, ActionKey
 from reexec.cas.digest import Digest, DigestFunction
 from reexec.errors import FailedPrecondition
-from reexec.metrics import EXECUTION_DURATION, QUEUE_WAIT
+from reexec.sched.change_log import completion_label, log_change, observe_durations
 from reexec.sched.matching import QueueKey, matches, worker_properties
 from reexec.sched.queue import PlatformQueues
 from reexec.sched.settings import SchedulerSettings
@@ -91,11 +91,6 @@ class SchedulerStats:
     workers_lost: int = 0
 
 
-def _completion_label(op: Operation) -> str:
-    assert op.outcome is not None
-    return "cached" if op.outcome.cached_result else op.outcome.status.name
-
-
 def action_key_of(op: Operation) -> ActionKey:
     instance, h, size, fn = op.action_key
     return ActionKey(instance, Digest(h, size, DigestFunction(fn)))
@@ -149,7 +144,7 @@ class Scheduler:
             self._cancel_on_worker(old, new)
         self._track_watchers(old, new)
         self._record_metrics(old, new)
-        self._log_change(old, new)
+        log_change(old, new)
         return new
 
     # -- what follows one record change (each step reads old and new, nothing else) -------------
@@ -179,59 +174,12 @@ class Scheduler:
             self._retained.append((new.completed_at, new.name))
 
     def _record_metrics(self, old: Operation, new: Operation) -> None:
-        if new.stage is Stage.EXECUTING and old.stage is Stage.QUEUED:
-            QUEUE_WAIT.observe(new.dispatched_at - old.queued_at)
-        if new.done and old.stage is Stage.EXECUTING:
-            EXECUTION_DURATION.observe(new.completed_at - old.dispatched_at)
+        observe_durations(old, new)
         if new.retries > old.retries:
             self.stats.retries += 1
         if new.done and not old.done:
-            label = _completion_label(new)
+            label = completion_label(new)
             self.stats.completed[label] = self.stats.completed.get(label, 0) + 1
-
-    def _log_change(self, old: Operation, new: Operation) -> None:
-        """One INFO line per lifecycle event: queued, requeued, dispatched, completed."""
-        base = {"operation": new.name, "action": f"{new.action_key[1]}/{new.action_key[2]}"}
-        if new.stage is Stage.QUEUED and old.stage is not Stage.QUEUED:
-            reason = (
-                {"reason": new.history[-1]} if new.history and old.stage is Stage.EXECUTING else {}
-            )
-            log.info(
-                "operation queued" if old.stage is Stage.CACHE_CHECK else "operation requeued",
-                extra={
-                    **base,
-                    "priority": new.priority,
-                    "queue": ",".join(f"{k}={v}" for k, v in new.queue_key) or "default",
-                    **reason,
-                },
-            )
-        elif new.stage is Stage.EXECUTING and old.stage is Stage.QUEUED:
-            log.info(
-                "operation dispatched",
-                extra={
-                    **base,
-                    "worker": new.worker_id,
-                    "attempt": new.attempt,
-                    "queued_s": round(new.dispatched_at - old.queued_at, 3),
-                },
-            )
-        elif new.done and not old.done:
-            executing = (
-                {"executing_s": round(new.completed_at - old.dispatched_at, 3)}
-                if old.stage is Stage.EXECUTING
-                else {}
-            )
-            log.info(
-                "operation completed",
-                extra={
-                    **base,
-                    "status": _completion_label(new),
-                    "worker": old.worker_id or "-",
-                    "attempts": new.attempt,
-                    "seconds": round(new.completed_at - new.created_at, 3),
-                    **executing,
-                },
-            )
 
     # -- operations -------------------------------------------------------------------------------
 
