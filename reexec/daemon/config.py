@@ -158,9 +158,18 @@ def check_semantics(config: Config, source: str) -> None:
             fail(f"server.listen[{i}]", str(e))
     if not config.server.listen:
         fail("server.listen", "at least one address is required")
-    for key in ("max_connections", "max_open_uploads"):
-        if getattr(config.server, key) < 0:
-            fail(f"server.{key}", "must not be negative")
+    if config.server.max_connections < 0:
+        fail("server.max_connections", "must not be negative (0: derived from the fd limit)")
+    if config.server.max_open_uploads < 1:
+        fail("server.max_open_uploads", "must be at least 1")
+    receive = parse_size(config.server.max_receive_message_bytes)
+    batch = parse_size(config.server.max_batch_total_size_bytes)
+    if receive and receive < batch:
+        fail(
+            "server.max_receive_message_bytes",
+            f"{receive} bytes is below max_batch_total_size_bytes ({batch}): clients would "
+            "send batches of the advertised size that this server refuses",
+        )
     for key in ("grace_period_s", "upload_idle_timeout_s", "connection_idle_timeout_s"):
         value = getattr(config.server, key)
         if value != value:  # NaN compares false with everything, so `< 0` would let it pass
