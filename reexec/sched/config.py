@@ -61,6 +61,9 @@ class SchedulerConfig(ConfigStruct):
     max_declines: int = 100
     """An action declined by workers (precondition script, draining) this many times fails
     with FAILED_PRECONDITION instead of being offered forever."""
+    max_live_operations: int = 100_000
+    """Operations not yet completed (checking the cache, queued or executing), across all
+    clients; an Execute beyond it is RESOURCE_EXHAUSTED (each costs about 1 KiB of memory)."""
     max_action_timeout_s: float = 1200.0
     """Actions asking for a longer timeout are refused (INVALID_ARGUMENT)."""
     default_action_timeout_s: float = 600.0
@@ -81,6 +84,7 @@ class SchedulerConfig(ConfigStruct):
             retain_completed_for_s=self.retain_completed_for_s,
             max_job_retries=self.max_job_retries,
             max_declines=self.max_declines,
+            max_live_operations=self.max_live_operations,
             max_action_timeout_s=self.max_action_timeout_s,
             default_action_timeout_s=self.default_action_timeout_s,
         )

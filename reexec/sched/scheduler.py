@@ -34,7 +34,7 @@ import trio
 
 from reexec.cas.action_cache import ActionCache, ActionKey
 from reexec.cas.digest import Digest, DigestFunction
-from reexec.errors import FailedPrecondition
+from reexec.errors import FailedPrecondition, ResourceExhausted
 from reexec.sched.change_log import completion_label, log_change, observe_durations
 from reexec.sched.matching import QueueKey, matches, worker_properties
 from reexec.sched.queue import PlatformQueues
@@ -199,6 +199,11 @@ class Scheduler:
                 if merged is not None:
                     self.stats.merged += 1
                     return merged, True
+        if self.store.live >= self.settings.max_live_operations:
+            raise ResourceExhausted(
+                f"the scheduler holds {self.store.live} unfinished operations "
+                f"(scheduler.max_live_operations); retry later"
+            )
         op = Operation(
             name=str(uuid.uuid4()),
             action_key=spec.key,

@@ -20,6 +20,7 @@ class SchedulerSettings:
     retain_completed_for_s: float = 60.0
     max_job_retries: int = 3
     max_declines: int = 100
+    max_live_operations: int = 100_000
     max_action_timeout_s: float = 1200.0
     default_action_timeout_s: float = 600.0
     decline_pause_s: float = 1.0

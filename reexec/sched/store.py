@@ -23,6 +23,12 @@ class OperationStore:
         # Dedup index: action key -> name of the live (not completed) operation for it.
         self._live_by_key: dict[tuple[str, str, int, int], str] = {}
         self._changed: dict[str, trio.Event] = {}
+        self._live = 0  # records not yet COMPLETED
+
+    @property
+    def live(self) -> int:
+        """How many operations are not completed (in cache check, queued or executing)."""
+        return self._live
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -42,6 +48,7 @@ class OperationStore:
         if op.name in self._ops:
             return False
         self._ops[op.name] = op
+        self._live += not op.done
         if mergeable and op.action_key not in self._live_by_key:
             self._live_by_key[op.action_key] = op.name
         self._notify(op.name)
@@ -53,6 +60,7 @@ class OperationStore:
         if current is None or current.version != expected.version:
             return False
         self._ops[new.name] = new
+        self._live += int(not new.done) - int(not current.done)
         if new.stage is Stage.COMPLETED and self._live_by_key.get(new.action_key) == new.name:
             del self._live_by_key[new.action_key]
         self._notify(new.name)
@@ -63,6 +71,7 @@ class OperationStore:
         if current is None or current.version != op.version:
             return False
         del self._ops[op.name]
+        self._live -= not current.done
         if self._live_by_key.get(op.action_key) == op.name:
             del self._live_by_key[op.action_key]
         self._notify(op.name)

@@ -8,7 +8,7 @@ import trio.testing
 from grpclib.const import Status
 
 from reexec.cas.action_cache import ActionCache, ActionKey
-from reexec.errors import FailedPrecondition
+from reexec.errors import FailedPrecondition, ResourceExhausted
 from reexec.sched.scheduler import action_key_of
 from reexec.sched.state import Outcome, Stage
 from tests.sched.harness import Harness, spec
@@ -631,3 +631,17 @@ async def test_skip_cache_lookup_does_not_merge_into_a_cache_check(
     queued, _ = await h.submit("y")
     again, merged = h.s.submit(spec("y", skip_cache_lookup=True))
     assert merged and again.name == queued.name
+
+
+async def test_live_operations_are_bounded(clock: trio.testing.MockClock) -> None:
+    h = Harness(max_live_operations=2)
+    a, _ = await h.submit("a")
+    await h.submit("b")
+    with pytest.raises(ResourceExhausted, match="max_live_operations"):
+        h.s.submit(spec("c"))
+    again, merged = h.s.submit(spec("a"))  # merging costs nothing and is still allowed
+    assert merged and again.name == a.name
+    h.s.cancel(a.name)
+    assert h.s.store.live == 1
+    c, merged = await h.submit("c")
+    assert not merged and h.s.store.live == 2

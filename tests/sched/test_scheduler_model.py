@@ -389,6 +389,7 @@ class Model:
             if op.done or op.waiters > 0:
                 assert name not in s._unwatched
 
+        assert s.store.live == sum(1 for op in in_store.values() if not op.done)
         # At most one live mergeable operation per action, and it is the one indexed (besides
         # skip_cache_lookup requests that bypassed a pending cache check).
         live = Counter(
