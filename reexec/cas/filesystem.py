@@ -318,12 +318,23 @@ class FilesystemStore(Store):
         check_blob_size(digest, self._max_blob)
         if is_empty(digest) or self._lru.touch(digest):
             return True
-        async with self._mutate:
-            await trio.to_thread.run_sync(self._adopt_sync, digest, os.fspath(path))
-            await self._add(digest)
+        # Hashed before taking the lock: other commits and evictions need not wait for it.
+        tmp = await trio.to_thread.run_sync(self._take_verified, digest, os.fspath(path))
+        try:
+            async with self._mutate:
+                if self._lru.touch(digest):
+                    return True  # stored meanwhile; tmp is removed below
+                await trio.to_thread.run_sync(self._install, tmp, digest)
+                tmp = None
+                await self._add(digest)
+        finally:
+            if tmp is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_remove_quietly, tmp)
         return True
 
-    def _adopt_sync(self, digest: Digest, source: str) -> None:
+    def _take_verified(self, digest: Digest, source: str) -> str:
+        """A temp file holding `source` (the same inode where possible), proven to match."""
         tmp = str(self._tmp_dir / uuid.uuid4().hex)
         try:
             if os.stat(source).st_mode & 0o7777 != 0o444:
@@ -337,10 +348,10 @@ class FilesystemStore(Store):
                 raise InvalidArgument(
                     f"{source} does not hold {digest.blob_path}: its size or hash differs"
                 )
-            self._install(tmp, digest)
         except BaseException:
             _remove_quietly(tmp)
             raise
+        return tmp
 
     def hold(self, digests: Sequence[Digest]) -> AbstractContextManager[None]:
         return self._lru.pinned(d for d in digests if not is_empty(d))

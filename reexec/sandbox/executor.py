@@ -224,8 +224,7 @@ class ActionExecutor:
         entries = tree.entries()
         with self.cache.lease(entries):
             try:
-                with self.access.hold([e.digest for e in entries]):
-                    await self.cache.ensure(entries)
+                await self.cache.ensure(entries)
             except BlobNotFound as e:
                 raise _missing("inputs of the action", e) from None
             exec_root = base / "root"
@@ -287,7 +286,9 @@ class ActionExecutor:
                 try:
                     await self.access.upload(collected.uploads)
                 except ReexecError as e:
-                    raise type(e)(f"uploading outputs failed: {e.message}") from None
+                    # Kept as its own class: only an Unavailable CAS makes it retryable.
+                    e.message = f"uploading outputs failed: {e.message}"
+                    raise
             if upload_scope.cancelled_caught:
                 raise _Retryable(f"uploading outputs took over {self.settings.upload_timeout_s:g}s")
         self.stats.upload_seconds += trio.current_time() - t0

@@ -62,6 +62,15 @@ class InputFetcher:
             return
         started = trio.current_time()
         missing: list[Digest] = []
+        # Held in the CAS while fetching, so none is evicted between FindMissingBlobs and its read.
+        with self.access.hold([e.digest for e in wanted]):
+            await self._fetch(wanted, missing)
+        self.stats.fetch_seconds += trio.current_time() - started
+        if missing:
+            raise MissingInputs(sorted(set(missing)))
+
+    async def _fetch(self, wanted: list[Entry], missing: list[Digest]) -> None:
+        index = self.index
         small = (
             [e for e in wanted if e.digest.size <= SMALL_BLOB and index.busy(e) is None]
             if self.access.prefers_batches
@@ -82,9 +91,6 @@ class InputFetcher:
         except ExceptionGroup as group:
             # Callers handle ReexecError / OSError: report the first failure, not a group.
             raise _first_leaf(group) from group
-        self.stats.fetch_seconds += trio.current_time() - started
-        if missing:
-            raise MissingInputs(sorted(set(missing)))
 
     def _record(self, installed: list[Installed]) -> None:
         for item in installed:
