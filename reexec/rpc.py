@@ -9,8 +9,10 @@ and cross from grpclib's asyncio world into Trio exactly once per RPC.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -137,7 +139,13 @@ async def _recv_bounded(stream: Stream, max_bytes: int) -> Any:
             "bytes (server.max_receive_message_bytes); split the request (large blobs go "
             "through ByteStream)",
         )
-    data = await h2_stream.recv_data(length)
+    try:
+        data = await h2_stream.recv_data(length)
+    except AssertionError:  # grpclib's way of saying the stream ended early
+        raise GRPCError(
+            grpclib.const.Status.INVALID_ARGUMENT,
+            f"the request stream ended inside a {length}-byte message",
+        ) from None
     try:
         message = stream._codec.decode(data, stream._recv_type)
     except Exception as e:  # upb raises DecodeError; betterproto2 codecs other errors
@@ -184,6 +192,10 @@ def guard(
         except (asyncio.CancelledError, trio.Cancelled):
             status = "CANCELLED"
             raise
+        except OSError as e:
+            error = resource_error(e, name)
+            status = error.status.name
+            raise error from None
         except Exception:
             status = "INTERNAL"
             log.exception("internal error in %s", name)
@@ -192,6 +204,30 @@ def guard(
             gate.leave(name, status, time.monotonic() - started)
 
     return handle
+
+
+# Running out of these is the server's trouble, not the request's, and it passes: UNAVAILABLE
+# (clients retry). A full disk is RESOURCE_EXHAUSTED.
+_TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def resource_error(e: OSError, name: str) -> GRPCError:
+    """The status for an OSError that escaped a handler: UNAVAILABLE when the server ran out of
+    descriptors or memory, RESOURCE_EXHAUSTED when its disk is full, else INTERNAL (logged)."""
+    if e.errno in _TRANSIENT_ERRNOS:
+        log.warning("%s: %s", name, e)
+        return GRPCError(
+            grpclib.const.Status.UNAVAILABLE,
+            f"the server is out of resources ({e.strerror}); retry later",
+        )
+    if e.errno in _FULL_ERRNOS:
+        log.warning("%s: %s", name, e)
+        return GRPCError(
+            grpclib.const.Status.RESOURCE_EXHAUSTED, f"the server's storage is full ({e.strerror})"
+        )
+    log.exception("internal error in %s", name)
+    return GRPCError(grpclib.const.Status.INTERNAL, f"internal error in {name}")
 
 
 def _ungated(name: str, func: Callable[[Stream], Awaitable[None]], max_receive_bytes: int):
@@ -203,6 +239,8 @@ def _ungated(name: str, func: Callable[[Stream], Awaitable[None]], max_receive_b
             raise grpc_error(e) from None
         except (GRPCError, asyncio.CancelledError):
             raise
+        except OSError as e:
+            raise resource_error(e, name) from None
         except Exception:
             log.exception("internal error in %s", name)
             raise GRPCError(grpclib.const.Status.INTERNAL, f"internal error in {name}") from None
@@ -292,3 +330,18 @@ def check_instance(allowed: Sequence[str], instance: str) -> None:
             f"unknown instance name {instance!r}; this server serves: "
             + ", ".join(repr(a) for a in allowed)
         )
+
+
+_PAGE_TOKEN = re.compile(r"[0-9]{1,18}")
+
+
+def parse_page_token(token: str) -> int:
+    """The offset our page tokens encode (decimal ASCII); 0 for an empty token.
+
+    Strict: `str.isdigit` also accepts characters such as '²' that `int` refuses, and a
+    5,000-digit token exceeds Python's int conversion limit; both were INTERNAL errors."""
+    if not token:
+        return 0
+    if not _PAGE_TOKEN.fullmatch(token):
+        raise InvalidArgument(f"invalid page_token {token[:40]!r}")
+    return int(token)

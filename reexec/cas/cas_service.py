@@ -20,7 +20,16 @@ from reexec.cas.resource import SUPPORTED_COMPRESSORS, Compressor
 from reexec.cas.store import BlobNotFound, Store
 from reexec.cas.tree_size import MAX_TREE_ENTRIES
 from reexec.errors import InvalidArgument, NotFound, ReexecError
-from reexec.rpc import Cardinality, Service, Stream, aio, check_instance, streaming, unary
+from reexec.rpc import (
+    Cardinality,
+    Service,
+    Stream,
+    aio,
+    check_instance,
+    parse_page_token,
+    streaming,
+    unary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +186,7 @@ class CasService(Service):
         root = make_digest(
             request.root_digest.hash, request.root_digest.size_bytes, request.digest_function
         )
-        offset = 0
-        if request.page_token:
-            if not request.page_token.isdigit():
-                raise InvalidArgument(f"invalid page_token {request.page_token!r}")
-            offset = int(request.page_token)
+        offset = parse_page_token(request.page_token)
         try:
             await self.cas.get_bytes(root)
         except BlobNotFound:

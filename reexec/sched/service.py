@@ -11,7 +11,7 @@ from reexec import fastpb
 from reexec.cas.store import Store
 from reexec.cas.tree_size import SizeCache
 from reexec.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from reexec.rpc import Cardinality, Service, Stream, aio, streaming, unary
+from reexec.rpc import Cardinality, Service, Stream, aio, parse_page_token, streaming, unary
 from reexec.sched.messages import operation_message
 from reexec.sched.scheduler import Scheduler
 from reexec.sched.state import Operation, Stage
@@ -147,11 +147,7 @@ class OperationsService(Service):
         if request.page_size < 0:
             raise InvalidArgument(f"page_size {request.page_size} is negative")
         ops = sorted(self.scheduler.store, key=lambda o: (o.created_at, o.name))
-        start = 0
-        if request.page_token:
-            if not request.page_token.isdigit():
-                raise InvalidArgument(f"invalid page_token {request.page_token!r}")
-            start = int(request.page_token)
+        start = parse_page_token(request.page_token)
         size = request.page_size or 1000
         resp = fastpb.message_class("google.longrunning.ListOperationsResponse")()
         for op in ops[start : start + size]:
@@ -178,12 +174,14 @@ class OperationsService(Service):
         return fastpb.message_class("google.protobuf.Empty")()
 
     async def wait_operation(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
-        op = self._get(request.name)
         timeout = (
             request.timeout.seconds + request.timeout.nanos / 1e9
             if request.HasField("timeout")
             else 60.0
         )
+        if timeout < 0:
+            raise InvalidArgument(f"WaitOperation timeout {timeout:g}s is negative")
+        op = self._get(request.name)
         with trio.move_on_after(timeout):
             while not op.done:
                 changed = await self.scheduler.store.wait_changed(op)
