@@ -30,6 +30,7 @@ import xxhash
 
 from reexec.cas.ac_service import ActionCacheService
 from reexec.cas.action_cache import ActionCache
+from reexec.cas.asset_service import AssetService
 from reexec.cas.bytestream_service import ByteStreamService, UploadTable
 from reexec.cas.capabilities_service import CapabilitiesService
 from reexec.cas.cas_service import CasService
@@ -97,6 +98,9 @@ def build_services(
             max_inline_bytes=parse_size(s.max_inline_bytes),
             allow_updates=s.ac_allow_updates,
         ),
+        # Remote Asset API (BuildStream's artifact and source caches); pushes follow the AC's
+        # update policy, since both let a client name content for others.
+        *AssetService(cas, instances=s.instances, allow_push=s.ac_allow_updates).services(),
         *scheduling,
     ]
 
