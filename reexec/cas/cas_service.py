@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from reexec import fastpb
 from reexec.cas.digest import Digest, make_digest, make_digests
 from reexec.cas.limits import check_blob_size
+from reexec.cas.pool import for_each
 from reexec.cas.resource import SUPPORTED_COMPRESSORS, Compressor
 from reexec.cas.store import BlobNotFound, Store
 from reexec.cas.tree_size import MAX_TREE_ENTRIES
@@ -112,21 +113,17 @@ class CasService(Service):
         function = request.digest_function
         entries = list(request.requests)
         statuses: list[tuple[int, str]] = [(0, "")] * len(entries)
-        limiter = trio.CapacityLimiter(BATCH_CONCURRENCY)
 
         async def one(i: int, entry: fastpb.Message) -> None:
-            async with limiter:
-                try:
-                    digest = make_digest(entry.digest.hash, entry.digest.size_bytes, function)
-                    check_blob_size(self.cas, digest.size, f"blob {digest.blob_path}")
-                    data = _decompress_batch_entry(entry.compressor, entry.data, digest)
-                    await self.cas.put_bytes(digest, data)
-                except ReexecError as e:
-                    statuses[i] = (e.status.value, e.message)
+            try:
+                digest = make_digest(entry.digest.hash, entry.digest.size_bytes, function)
+                check_blob_size(self.cas, digest.size, f"blob {digest.blob_path}")
+                data = _decompress_batch_entry(entry.compressor, entry.data, digest)
+                await self.cas.put_bytes(digest, data)
+            except ReexecError as e:
+                statuses[i] = (e.status.value, e.message)
 
-        async with trio.open_nursery() as nursery:
-            for i, entry in enumerate(entries):
-                nursery.start_soon(one, i, entry)
+        await for_each(entries, one, BATCH_CONCURRENCY)
         response = fastpb.BatchUpdateBlobsResponse()
         for entry, (code, message) in zip(entries, statuses, strict=True):
             r = response.responses.add()
@@ -146,19 +143,15 @@ class CasService(Service):
                 f"{self.max_batch}; read large blobs with ByteStream.Read"
             )
         results: list[tuple[int, str, bytes]] = [(0, "", b"")] * len(wire)
-        limiter = trio.CapacityLimiter(BATCH_CONCURRENCY)
 
         async def one(i: int, d: fastpb.Message) -> None:
-            async with limiter:
-                try:
-                    digest = make_digest(d.hash, d.size_bytes, function)
-                    results[i] = (0, "", await self.cas.get_bytes(digest))
-                except ReexecError as e:
-                    results[i] = (e.status.value, e.message, b"")
+            try:
+                digest = make_digest(d.hash, d.size_bytes, function)
+                results[i] = (0, "", await self.cas.get_bytes(digest))
+            except ReexecError as e:
+                results[i] = (e.status.value, e.message, b"")
 
-        async with trio.open_nursery() as nursery:
-            for i, d in enumerate(wire):
-                nursery.start_soon(one, i, d)
+        await for_each(wire, one, BATCH_CONCURRENCY)
         response = fastpb.BatchReadBlobsResponse()
         for d, (code, message, data) in zip(wire, results, strict=True):
             r = response.responses.add()
@@ -247,18 +240,14 @@ class CasService(Service):
     async def _read_level(self, level: list[Digest]) -> dict[Digest, bytes]:
         """The directories of `level` that are in the CAS, in `level`'s order."""
         found: list[bytes | None] = [None] * len(level)
-        limiter = trio.CapacityLimiter(BATCH_CONCURRENCY)
 
         async def one(i: int, digest: Digest) -> None:
-            async with limiter:
-                try:
-                    found[i] = await self.cas.get_bytes(digest)
-                except BlobNotFound:
-                    pass
+            try:
+                found[i] = await self.cas.get_bytes(digest)
+            except BlobNotFound:
+                pass
 
-        async with trio.open_nursery() as nursery:
-            for i, digest in enumerate(level):
-                nursery.start_soon(one, i, digest)
+        await for_each(level, one, BATCH_CONCURRENCY)
         return {d: raw for d, raw in zip(level, found, strict=True) if raw is not None}
 
 

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from reexec import fastpb
 from reexec.cas.digest import Digest, make_digest
+from reexec.cas.pool import for_each
 from reexec.cas.store import BlobNotFound, Store
 from reexec.cas.tree_size import (
     MAX_TREE_DEPTH,
@@ -105,15 +106,11 @@ def _parse_level(
 
 async def _read_many(cas: Store, digests: list[Digest]) -> dict[Digest, bytes | None]:
     out: dict[Digest, bytes | None] = {}
-    limiter = trio.CapacityLimiter(READ_CONCURRENCY)
 
-    async def one(d: Digest) -> None:
-        async with limiter:
-            out[d] = await _read(cas, d)
+    async def one(_: int, d: Digest) -> None:
+        out[d] = await _read(cas, d)
 
-    async with trio.open_nursery() as nursery:
-        for d in digests:
-            nursery.start_soon(one, d)
+    await for_each(digests, one, READ_CONCURRENCY)
     return out
 
 
