@@ -147,3 +147,17 @@ async def test_zstd_upload_of_the_exact_size_still_succeeds(stub):
     resp = await call(stub.write, chunks(name, zstandard.compress(data), size=500))
     assert resp.committed_size > 0
     assert await read_all(stub, f"blobs/{digest_path(data)}") == data
+
+
+async def test_zstd_upload_of_endless_skippable_frames_is_refused(stub):
+    import struct
+
+    declared = b"q" * 1000
+    # A skippable frame: magic 0x184D2A50, a length, then that many ignored bytes.
+    skippable = struct.pack("<II", 0x184D2A50, 4096) + bytes(4096)
+    stream = skippable * 40  # ~160 KiB that decompress to nothing
+    name = upload_name(declared, compressed=True)
+    with pytest.raises(GRPCError) as e:
+        await call(stub.write, chunks(name, stream, size=8192, finish=False))
+    assert e.value.status is Status.INVALID_ARGUMENT
+    assert "more than any encoding of 1000 bytes needs" in e.value.message

@@ -103,6 +103,12 @@ def check_batch(batch: Sequence[Any], key: str, offset: int) -> BatchCheck:
     return out
 
 
+def max_compressed_size(size: int) -> int:
+    """A generous bound on the zstd encoding of `size` bytes: ZSTD_compressBound (size plus
+    size/256 plus a little) with room for several frames and their headers."""
+    return size + (size >> 7) + (64 << 10)
+
+
 class _TooMuchOutput(Exception):
     pass
 
@@ -422,6 +428,13 @@ class ByteStreamService(Service):
         if upload.decompressor is None:
             await upload.writer.write(data)
             return
+        bound = max_compressed_size(upload.name.digest.size)
+        if upload.received > bound:
+            # Skippable frames or empty blocks decompress to nothing and could stream forever.
+            raise InvalidArgument(
+                f"{upload.name.format()}: {upload.received} bytes of zstd data, more than any "
+                f"encoding of {upload.name.digest.size} bytes needs ({bound})"
+            )
         try:
             plain = await trio.to_thread.run_sync(upload.decompressor.decompress, data)
         except InvalidArgument as e:
