@@ -289,3 +289,29 @@ async def test_update_with_unsafe_names_inside_a_tree_is_invalid_argument(ac, ca
     assert e.value.status is Status.INVALID_ARGUMENT
     assert "output_directories[0].tree_digest" in e.value.message
     assert "invalid name '..'" in e.value.message
+
+
+async def test_large_result_is_checked_off_the_event_loop(ac, cas, monkeypatch):
+    import trio
+
+    await upload(cas, b"output")
+    files = [re.OutputFile(path=f"out/{i}", digest=sha(b"output")) for i in range(2500)]
+    files.append(re.OutputFile(path="../escape", digest=sha(b"output")))
+    threaded = []
+    real = trio.to_thread.run_sync
+
+    async def spy(fn, *args, **kw):
+        threaded.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", spy)
+    with pytest.raises(GRPCError) as e:
+        await call(
+            ac.update_action_result,
+            re.UpdateActionResultRequest(
+                action_digest=ACTION, action_result=re.ActionResult(output_files=files)
+            ),
+        )
+    assert e.value.status is Status.INVALID_ARGUMENT
+    assert "output_files[2500].path" in e.value.message
+    assert threaded

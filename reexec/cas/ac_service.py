@@ -19,8 +19,10 @@ from reexec.rpc import Service, Stream, check_instance, unary
 
 log = logging.getLogger(__name__)
 
-# Tree blobs larger than this are parsed and checked in a worker thread.
+# Tree blobs larger than this, and results with more outputs than this, are checked in a
+# worker thread (a result of ~100,000 outputs fits in one message).
 _THREAD_TREE_BYTES = 256 * 1024
+_THREAD_RESULT_ENTRIES = 2000
 
 
 class ActionCacheService(Service):
@@ -105,7 +107,21 @@ class ActionCacheService(Service):
         digest = make_digest(d.hash, d.size_bytes, request.digest_function)
         result = request.action_result
         # Clients that hit this entry create its outputs: paths must be as safe as our worker's.
-        check_action_result(result, allow_absolute_symlinks=self.allow_absolute_symlinks)
+        entries = (
+            len(result.output_files)
+            + len(result.output_directories)
+            + len(result.output_symlinks)
+            + len(result.output_file_symlinks)
+            + len(result.output_directory_symlinks)
+        )
+        if entries > _THREAD_RESULT_ENTRIES:
+            await trio.to_thread.run_sync(
+                lambda: check_action_result(
+                    result, allow_absolute_symlinks=self.allow_absolute_symlinks
+                )
+            )
+        else:
+            check_action_result(result, allow_absolute_symlinks=self.allow_absolute_symlinks)
         try:
             missing = await missing_references(result, digest.function, self.cas)
         except DecodeError:
