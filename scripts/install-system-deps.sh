@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # System packages the test suite needs: Debian's Bazel 4.2.3 (bazel-bootstrap) with its Java
-# rules for the end-to-end tests, and openssl for the TLS tests. Idempotent.
+# rules for the end-to-end tests, openssl for the TLS tests, bubblewrap (bwrap) which confines
+# every action, and busybox-static for the BuildStream end-to-end test's sysroot. Idempotent.
 set -euo pipefail
 
 need=()
 command -v bazel >/dev/null 2>&1 || need+=(bazel-bootstrap)
 [ -d /usr/share/bazel/rules/java ] || need+=(bazel-rules-java)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+[ -x /bin/busybox ] || need+=(busybox-static)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 sudo=""
