@@ -52,17 +52,27 @@ from reexec.sandbox.materialize import (
 from reexec.sandbox.outputs import (
     CollectedOutputs,
     OutputLimits,
+    OutputTooLarge,
     check_stdio_size,
     collect_outputs_sync,
     log_blob_sync,
 )
-from reexec.sandbox.runner import NamespaceOptions, RunRequest, SandboxUnavailable, run_command
+from reexec.sandbox.runner import (
+    NamespaceOptions,
+    RunRequest,
+    RunResult,
+    SandboxUnavailable,
+    run_command,
+)
 
 log = logging.getLogger(__name__)
 
 WorkerMessage = fastpb.message_class("reexec.worker.v1.WorkerMessage")
 
 FETCHING, EXECUTING, UPLOADING = 1, 2, 3
+
+# How often a running action's stdout and stderr sizes are checked against max_stdio_bytes.
+STDIO_POLL_S = 0.25
 
 # Failures of the worker's own disk: another worker may well succeed.
 _RETRYABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
@@ -251,7 +261,7 @@ class ActionExecutor:
                 tmp_dir=base / "tmp",
             )
             try:
-                run = await run_command(request)
+                run = await self._run_watched(request)
             except ValueError as e:  # the request checked above: run_as unknown here, etc.
                 raise _Retryable(f"worker {self.settings.worker_id}: {e}") from None
             except SandboxUnavailable as e:
@@ -302,6 +312,40 @@ class ActionExecutor:
             )
         elif run.error:
             finished.message = run.error
+
+    async def _run_watched(self, request: RunRequest) -> RunResult:
+        """`run_command`, killed as soon as stdout or stderr grows past `max_stdio_bytes`, so a
+        runaway log cannot fill the worker's disk before the limit is checked at the end."""
+        limit = self.settings.max_stdio_bytes
+        if not limit:
+            return await run_command(request)
+        over: list[str] = []
+        logs = (request.stdout_path, request.stderr_path)
+
+        async def watch(scope: trio.CancelScope) -> None:
+            while True:
+                await trio.sleep(STDIO_POLL_S)
+                for path in logs:
+                    try:
+                        size = os.stat(path).st_size  # one local stat: not worth a thread hop
+                    except OSError:
+                        continue  # not created yet
+                    if size > limit:
+                        over.append(
+                            f"the action's {path.name} passed the worker's limit of {limit} "
+                            f"bytes (worker.max_stdio_bytes); the action was killed"
+                        )
+                        scope.cancel()
+                        return
+
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as run_scope:
+                nursery.start_soon(watch, run_scope)
+                run = await run_command(request)
+            nursery.cancel_scope.cancel()
+        if over:
+            raise OutputTooLarge(over[0])
+        return run
 
     async def _check_inputs(self, entries: list, operation_name: str) -> None:  # type: ignore[type-arg]
         broken = await self.cache.tamper.check(entries, self.settings.cleanup_timeout_s)

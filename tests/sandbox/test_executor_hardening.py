@@ -113,6 +113,16 @@ async def test_stdout_limit(tmp_path: Path) -> None:
     assert "worker.max_stdio_bytes" in f.status.message
 
 
+async def test_runaway_stdout_is_killed_while_it_runs(tmp_path: Path) -> None:
+    env = await make_env(tmp_path, max_stdio_bytes=100_000)
+    t0 = trio.current_time()
+    f = await env.run(await env.start(await env.tree(b"#!/bin/sh\nexec yes\n"), timeout_s=30))
+    assert trio.current_time() - t0 < 5  # not the action's 30 s timeout
+    assert f.status.code == Status.RESOURCE_EXHAUSTED.value and not f.retryable
+    assert "stdout passed the worker's limit of 100000 bytes" in f.status.message
+    assert env.work_is_clean()
+
+
 async def test_outputs_of_one_action_do_not_evict_each_other(tmp_path: Path) -> None:
     env = await make_env(tmp_path, cas_max_bytes=250_000)
     script = (
