@@ -48,7 +48,8 @@ class WorkerConfig(ConfigStruct):
     beyond the CAS's largest blob) the action fails with RESOURCE_EXHAUSTED, not retried,
     naming the output; files are measured before they are read. 0 means no limit."""
     max_stdio_bytes: ByteSize = "256MiB"
-    """The most an action may write to stdout, and to stderr (each); same failure. 0: none."""
+    """The most an action may write to stdout, and to stderr (each): checked while it runs
+    (every 0.25 s; the action is killed) and again at the end; same failure. 0: none."""
     drain_timeout_s: float = 300.0
     """On SIGTERM, how long running actions may finish before they are cancelled."""
     precondition_script: str | None = None
