@@ -39,12 +39,27 @@ class PropertyModifierConfig(ConfigStruct):
 
 PropertyRuleName = Literal["exact", "minimum", "priority", "ignore"]
 
+# What REAPI clients send without being asked (BuildStream: OSFamily, ISA, unixUID, unixGID,
+# network), plus the worker's confinement mode. Workers offer their own OSFamily, ISA and
+# confinement; unixUID, unixGID and network are not matched, the worker honours them.
+DEFAULT_PLATFORM_PROPERTIES: dict[str, PropertyRuleName] = {
+    "OSFamily": "exact",
+    "ISA": "exact",
+    "confinement": "exact",
+    "unixUID": "ignore",
+    "unixGID": "ignore",
+    "network": "ignore",
+}
+
 
 class SchedulerConfig(ConfigStruct):
     enabled: bool = True
     """Run the scheduler (Execution service). Off: a cache-only server."""
-    supported_platform_properties: dict[str, PropertyRuleName] = msgspec.field(default_factory=dict)
-    """Platform property name -> exact | minimum | priority | ignore; others are refused."""
+    supported_platform_properties: dict[str, PropertyRuleName] = msgspec.field(
+        default_factory=lambda: dict(DEFAULT_PLATFORM_PROPERTIES)
+    )
+    """Platform property name -> exact | minimum | priority | ignore; others are refused.
+    Replaces the default as a whole when set."""
     allocation_strategy: Literal["least_recently_used", "most_recently_used"] = (
         "least_recently_used"
     )
