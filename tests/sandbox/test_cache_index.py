@@ -1,12 +1,11 @@
-"""The worker cache's parts, each on a temp dir: CacheIndex, InputFetcher, OutputAdopter,
-TamperChecker, and the rule they share: the index changes only on the Trio thread."""
+"""CacheIndex: the worker cache's index, and the rule every part of the cache keeps: the index
+changes only on the Trio thread (worker threads do file-system work and return results)."""
 
 from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,13 @@ import pytest
 import trio
 import trio.testing
 
-from reexec.cas.digest import Digest, digest_of
+from reexec.cas.digest import digest_of
 from reexec.cas.lru import LruIndex
-from reexec.cas.store import BlobNotFound
-from reexec.sandbox import cache_index, tamper_checker
+from reexec.sandbox import cache_index
 from reexec.sandbox.cache_index import CacheIndex, Entry
-from reexec.sandbox.input_fetcher import InputFetcher, MissingInputs
+from reexec.sandbox.input_fetcher import InputFetcher
 from reexec.sandbox.local_cas import LocalCas
-from reexec.sandbox.output_adopter import OutputAdopter
-from reexec.sandbox.tamper_checker import TamperChecker
-from tests.sandbox.fakes import FakeAccess, append, inode, overwrite
+from tests.sandbox.fakes import FakeAccess, append, inode
 
 
 async def open_index(root: Path, max_bytes: int = 0) -> CacheIndex:
@@ -157,99 +153,3 @@ async def test_eviction_spares_leases_and_records_mtimes(tmp_path: Path) -> None
         await fetcher.ensure([c])
     assert index.has(a) and index.has(c) and not index.path(b).exists()
     assert index.recorded_mtime(b) is None
-
-
-# -- InputFetcher -------------------------------------------------------------------------------
-
-
-async def test_batch_read_finding_a_blob_gone_falls_back_and_reports_it(tmp_path: Path) -> None:
-    class Evicting(FakeAccess):
-        async def read_small(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-            self.blobs.pop(gone, None)  # evicted between FindMissingBlobs and the read
-            return await super().read_small(digests)
-
-    access = Evicting(prefers_batches=True)
-    here = access.put(b"here")
-    gone = access.put(b"gone")
-    index = await open_index(tmp_path / "cache")
-    with pytest.raises(MissingInputs) as info:
-        await InputFetcher(index, access).ensure([Entry(here, False), Entry(gone, False)])
-    assert info.value.missing == [gone]
-    assert index.has(Entry(here, False))
-    assert list(index.tmp.iterdir()) == []
-
-
-# -- OutputAdopter ------------------------------------------------------------------------------
-
-
-async def test_adopter_replaces_a_tampered_entry_and_keeps_an_identical_one(
-    tmp_path: Path,
-) -> None:
-    """Issue 9 item 8: an existing cache file used to be reused as the upload source unchecked."""
-    access = FakeAccess()
-    index = await open_index(tmp_path / "cache")
-    e = Entry(access.put(b"the output"), False)
-    await InputFetcher(index, access).ensure([e])
-    adopter = OutputAdopter(index)
-    kept = inode(index.path(e))
-
-    out = tmp_path / "out"
-    out.write_bytes(b"the output")
-    adopted = adopter.adopt_sync(out, e)
-    assert inode(index.path(e)) == kept and not out.exists()  # proven identical: kept
-
-    overwrite(index.path(e), b"THE OUTPUT")  # an action rewrote the cached copy
-    out.write_bytes(b"the output")
-    fresh = inode(out)
-    adopted = adopter.adopt_sync(out, e)
-    assert inode(index.path(e)) == fresh
-    assert index.path(e).read_bytes() == b"the output"
-    await adopter.register([adopted])
-    assert index.recorded_mtime(e) == adopted.mtime_ns
-
-
-# -- TamperChecker ------------------------------------------------------------------------------
-
-
-async def test_tamper_check_gives_up_in_bounded_time_and_distrusts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    access = FakeAccess()
-    index = await open_index(tmp_path / "cache")
-    es = [Entry(access.put(f"file {i}".encode()), False) for i in range(3)]
-    await InputFetcher(index, access).ensure(es)
-    release = threading.Event()
-    real = tamper_checker.inspect_sync
-
-    def stuck(items: list) -> tamper_checker.Verdict:  # type: ignore[type-arg]
-        release.wait(10)  # e.g. hashing a huge input on a slow disk
-        return real(items)
-
-    monkeypatch.setattr(tamper_checker, "inspect_sync", stuck)
-    t0 = time.monotonic()
-    broken = await TamperChecker(index, access).check(es, timeout_s=0.2)
-    release.set()
-    assert time.monotonic() - t0 < 2
-    assert sorted(broken) == sorted(es)  # nothing proven intact is trusted
-    assert not any(index.has(e) or index.path(e).exists() for e in es)
-
-
-async def test_tamper_check_reports_inodes_to_the_cas(tmp_path: Path) -> None:
-    class Recording(FakeAccess):
-        discarded: list[tuple[Digest, int, int]] = []
-
-        async def discard_modified(self, files: Sequence[tuple[Digest, int, int]]) -> None:
-            self.discarded.extend(files)
-
-    access = Recording()
-    index = await open_index(tmp_path / "cache")
-    good, bad = Entry(access.put(b"good"), False), Entry(access.put(b"bad"), False)
-    await InputFetcher(index, access).ensure([good, bad])
-    ino = inode(index.path(bad))
-    append(index.path(bad), b"!")
-    checker = TamperChecker(index, access)
-    assert await checker.check([good, bad]) == [bad]
-    assert access.discarded == [(bad.digest, *ino)]
-    assert checker.repaired == 1
-    with pytest.raises(BlobNotFound):  # gone from the cache, fetched again on demand
-        await InputFetcher(index, FakeAccess()).ensure([bad])
