@@ -4,15 +4,15 @@
             `--slots`) as a subprocess on a free loopback port, throw-away data directory.
   load, all at the same time, over loopback only:
     actions:  `--clients` (100) concurrent clients, each on its own channel (one TCP
-              connection), each running `--actions` (40) actions one after the other, as Bazel
+              connection), each running `--actions` (60) actions one after the other, as Bazel
               does: FindMissingBlobs -> BatchUpdateBlobs of the missing -> Execute until done.
               Every action has a distinct input file (no cache hits) and runs
               `/bin/sh -c 'cat in.txt; echo "$ID" >> LOG'`: its stdout must be exactly its own
               input, and LOG (outside the sandbox) counts how many times each action ran.
-    uploads:  `--uploaders` (32) concurrent ByteStream writers, each writing distinct blobs of
-              `--upload-mib` (1) MiB in 64 KiB chunks one after the other while the actions run
-              (at most `--uploads` (12) each); every blob is read back at the end and its
-              SHA-256 checked.
+    uploads:  `--uploaders` (32) concurrent ByteStream writers, each writing a distinct blob of
+              `--upload-kib` (512) KiB in 64 KiB chunks every `--upload-interval` (2) seconds
+              while the actions run (at most `--uploads` (50) each); every blob is read back at
+              the end and its SHA-256 checked.
     hogs:     `--hogs` (16) idle connections: 8 raw TCP connections that send the HTTP/2
               preface and nothing more, 8 gRPC channels that make one call and then idle.
     bad:      one client cycling through ~35 malformed requests (bad digests, resource names,
@@ -28,8 +28,9 @@ Bounded: the whole run stops by itself after `--max-seconds` (360); anything unf
 counts as lost. Defaults take about 2-4 minutes on a loaded 2-core machine. Scale up with e.g.
 `--clients 200 --actions 100 --uploaders 64 --uploads 16 --hogs 64`.
 
-Usage: .venv/bin/python bench/reliability.py [--clients 100] [--actions 40] [--uploaders 32]
-       [--uploads 12] [--upload-mib 1] [--hogs 16] [--slots 0] [--max-seconds 360]
+Usage: .venv/bin/python bench/reliability.py [--clients 100] [--actions 60] [--uploaders 32]
+       [--uploads 50] [--upload-kib 512] [--upload-interval 2] [--hogs 16] [--slots 0]
+       [--max-seconds 360]
 Exit status: 0 if every check passed, 1 otherwise.
 """
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import hashlib
 import os
 import socket
@@ -195,13 +197,18 @@ async def action_client(target: str, stats: Stats, run_id: str, i: int, n: int, 
 # -- uploads ------------------------------------------------------------------------------------
 
 
-async def uploader(target: str, stats: Stats, n: int, size: int, stop: asyncio.Event) -> None:
-    """Up to `n` uploads, one after the other, until the actions are done (`stop`)."""
+async def uploader(
+    target: str, stats: Stats, n: int, size: int, interval: float, stop: asyncio.Event
+) -> None:
+    """Up to `n` uploads, one every `interval` seconds, until the actions are done (`stop`)."""
     c = Client(target)
     try:
         for i in range(n):
-            if i and stop.is_set():
-                break
+            if i:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+                if stop.is_set():
+                    break
             data = os.urandom(size)
             d = sha(data)
             name = f"uploads/{uuid.uuid4()}/blobs/{d.hash}/{d.size_bytes}"
@@ -470,7 +477,7 @@ async def bench(args: argparse.Namespace) -> int:
         ]
         total = args.clients * args.actions
         print(f"{args.clients} clients x {args.actions} actions = {total} actions; "
-              f"{args.uploaders} uploaders x {args.uploads} x {args.upload_mib} MiB; "
+              f"{args.uploaders} uploaders x <= {args.uploads} x {args.upload_kib} KiB; "
               f"{args.hogs} idle connections; 1 bad-input client", flush=True)  # fmt: skip
         with CpuMeter(server) as m:
             work = [
@@ -483,7 +490,14 @@ async def bench(args: argparse.Namespace) -> int:
             actions_done = asyncio.Event()
             uploads = [
                 asyncio.create_task(
-                    uploader(target, stats, args.uploads, args.upload_mib << 20, actions_done)
+                    uploader(
+                        target,
+                        stats,
+                        args.uploads,
+                        args.upload_kib << 10,
+                        args.upload_interval,
+                        actions_done,
+                    )
                 )
                 for _ in range(args.uploaders)
             ]
@@ -535,7 +549,7 @@ async def bench(args: argparse.Namespace) -> int:
     strangers = set(executions) - expected
     lat = stats.action_latency
     up = stats.upload_latency
-    rss_peak = max(stats.rss_kib, default=0)
+    rss_peak = max([*stats.rss_kib, rss_end])
     bad_total = sum(stats.bad_tried.values())
 
     print()
@@ -588,10 +602,11 @@ async def bench(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=100)
-    p.add_argument("--actions", type=int, default=40, help="actions per client")
+    p.add_argument("--actions", type=int, default=60, help="actions per client")
     p.add_argument("--uploaders", type=int, default=32)
     p.add_argument("--uploads", type=int, default=12, help="at most this many blobs per uploader")
-    p.add_argument("--upload-mib", type=int, default=1)
+    p.add_argument("--upload-kib", type=int, default=512)
+    p.add_argument("--upload-interval", type=float, default=2.0, help="seconds between uploads")
     p.add_argument("--hogs", type=int, default=16)
     p.add_argument("--bad-pause", type=float, default=0.05, help="seconds between bad inputs")
     p.add_argument("--slots", type=int, default=0, help="worker slots (0: the default config)")

@@ -140,6 +140,31 @@ class RawClient:
         assert out.ok, out
         return b"".join(fastpb.ReadResponse.FromString(r).data for r in out.responses)
 
+    def action_request(
+        self, args: list[str], *, salt: bytes = b"", output_paths: Iterable[str] = ()
+    ) -> bytes:
+        """Upload a do_not_cache Action running `args` on an empty input root; returns the
+        serialised ExecuteRequest."""
+        command = fastpb.Command(arguments=args, output_paths=list(output_paths))
+        root = fastpb.Directory().SerializeToString()
+        action = fastpb.Action(salt=salt, do_not_cache=True)
+        action.command_digest.CopyFrom(sha(command.SerializeToString()))
+        action.input_root_digest.CopyFrom(sha(root))
+        self.upload(command.SerializeToString(), root, action.SerializeToString())
+        req = fastpb.ExecuteRequest()
+        req.action_digest.CopyFrom(sha(action.SerializeToString()))
+        return req.SerializeToString()
+
+    def execute(self, request: bytes, timeout: float = 60) -> Any:
+        """Run an Execute stream to the end; returns the ExecuteResponse."""
+        out = self.server_stream(EXECUTION + "Execute", request, timeout=timeout)
+        assert out.ok, out
+        op = fastpb.Operation.FromString(out.responses[-1])
+        assert op.done, op
+        resp = fastpb.ExecuteResponse()
+        op.response.Unpack(resp)
+        return resp
+
 
 def note_event(name: str) -> None:
     """A hypothesis event (the mix shows with --hypothesis-show-statistics), if in a test."""
@@ -160,11 +185,15 @@ def assert_precise(outcome: Outcome, what: object) -> None:
 
 class ThreadDaemon:
     """An in-process daemon in its own thread (own `trio.run`), optionally with a fake worker
-    that finishes every action it is given with exit code 0 and a stdout naming the action."""
+    that finishes every action it is given with exit code 0 and a stdout naming the action, or
+    with the real local worker of `reexecd serve`."""
 
-    def __init__(self, config: Config, *, fake_worker: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, fake_worker: bool = False, local_worker: bool = False
+    ) -> None:
         self.config = config
         self.fake_worker = fake_worker
+        self.local_worker = local_worker
         self.daemon: Daemon | None = None
         self.port = 0
         self.error: BaseException | None = None
@@ -201,7 +230,7 @@ class ThreadDaemon:
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
-            self.daemon = await start_daemon(nursery, self.config)
+            self.daemon = await start_daemon(nursery, self.config, self.local_worker)
             self.port = self.daemon.port
             if self.fake_worker:
                 await self._start_fake_worker(nursery)
@@ -274,6 +303,7 @@ class Health:
         self.daemon = daemon
         self.client = client
         self.canary = b"hardening canary blob"
+        self.deep_checks = 0
         self.canary_digest = client.upload(self.canary)[0]
         from tests.hardening.strategies import KNOWN_BLOBS
 
@@ -289,10 +319,10 @@ class Health:
         assert not missing, f"the canary blob vanished after {after!r}"
 
     def deep_check(self) -> None:
-        """Upload and read back a fresh blob, and run an action to completion."""
+        """Upload and read back a fresh blob."""
         self.check("deep check")
-        self.daemon_checks = getattr(self, "daemon_checks", 0) + 1
-        blob = b"fresh blob %d" % self.daemon_checks
+        self.deep_checks += 1
+        blob = b"fresh blob %d" % self.deep_checks
         (d,) = self.client.upload(blob)
         assert self.client.read_blob(d) == blob
 

@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from reexec import fastpb
+from reexec.cas.digest import digest_of
+from reexec.cas.resource import ResourceName, parse_write_name
 from tests.hardening import strategies as s
 from tests.hardening.conftest import (
     AC,
@@ -274,10 +276,19 @@ def test_write(raw: RawClient, health: Health, data: st.DataObject) -> None:
     out = raw.client_stream(BYTESTREAM + "Write", wires)
     assert_precise(out, [fastpb.WriteRequest.FromString(w) for w in wires])
     if out.ok:
-        # A Write that succeeded stored exactly the blob its name promised.
-        first = fastpb.WriteRequest.FromString(wires[0])
-        assert "/uploads/" in "/" + first.resource_name, first.resource_name
+        check_stored(raw, fastpb.WriteRequest.FromString(wires[0]).resource_name)
     health.check(reqs)
+
+
+def check_stored(raw: RawClient, write_name: str) -> None:
+    """A Write that succeeded stored exactly the blob its resource name promised."""
+    name = parse_write_name(write_name)  # it was accepted, so it parses
+    read_name = ResourceName(name.instance, name.digest).format()
+    out = raw.server_stream(BYTESTREAM + "Read", fastpb.ReadRequest(resource_name=read_name)
+                            .SerializeToString())  # fmt: skip
+    assert out.ok, f"{write_name} succeeded but {read_name} reads {out}"
+    data = b"".join(fastpb.ReadResponse.FromString(r).data for r in out.responses)
+    assert digest_of(data, name.digest.function) == name.digest, write_name
 
 
 def test_fuzzers_reach_success_paths(raw: RawClient) -> None:

@@ -213,10 +213,9 @@ def operations_calls(draw: st.DrawFn, raw: RawClient) -> tuple[str, Any]:
         return method, req
     req = _lro(method.replace("Operation", "OperationRequest"))(name=draw(operation_names(raw)))
     if method == "WaitOperation":
-        # Negative timeouts are left to test_wait_operation_negative_timeout (a known defect);
-        # a live operation is waited for 0-1 s, well within the client's deadline.
-        req.timeout.seconds = draw(st.sampled_from([0, 1]))
-        req.timeout.nanos = draw(st.sampled_from([0, 1000, 999_999_999]))
+        # A live operation is waited for at most ~2 s, well within the client's deadline.
+        req.timeout.seconds = draw(st.sampled_from([0, 1, -1, -(2**40), -(2**63)]))
+        req.timeout.nanos = draw(st.sampled_from([0, 1000, 999_999_999, -1, -(2**31)]))
     return method, req
 
 
@@ -269,15 +268,10 @@ def test_operations(raw: RawClient, health: Health, data: st.DataObject) -> None
     health.check((method, req))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 item F2: WaitOperation with a negative timeout is INTERNAL "
-    "(sched/service.py wait_operation: trio.move_on_after(negative) raises ValueError)",
-)
 @pytest.mark.parametrize("seconds", [-1, -(2**40)])
 def test_wait_operation_negative_timeout(raw: RawClient, health: Health, seconds: int) -> None:
-    """WaitOperation with a negative timeout (found by test_operations): answered at once
-    (INVALID_ARGUMENT, or the operation's current state)."""
+    """WaitOperation with a negative timeout on a live operation (found by test_operations,
+    INTERNAL until 37761cc): answered at once, INVALID_ARGUMENT or the current state."""
     name = start_operation(raw, queued=True, salt=b"negative timeout")
     req = _lro("WaitOperationRequest")(name=name)
     req.timeout.seconds = seconds

@@ -180,12 +180,6 @@ def test_disk_full_recovers_when_space_returns(disk_full_scenario: dict[str, Any
     assert s["read_after"] == s["blob"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 item F4: a full disk (ENOSPC) is answered INTERNAL 'internal error in "
-    "/google.bytestream.ByteStream/Write' (and per-blob INTERNAL in BatchUpdateBlobs), not "
-    "RESOURCE_EXHAUSTED: no ENOSPC mapping in the filesystem store or the services",
-)
 def test_disk_full_is_resource_exhausted(disk_full_scenario: dict[str, Any]) -> None:
     s = disk_full_scenario
     exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -206,23 +200,25 @@ def test_disk_full_is_resource_exhausted(disk_full_scenario: dict[str, Any]) -> 
 # -- SIGKILL / SIGSTOP of the daemon mid-upload -----------------------------------------------
 
 
-def _slow_uploads(client: RawClient, blobs: list[bytes], pause: float) -> list[Outcome | None]:
-    results: list[Outcome | None] = [None] * len(blobs)
+class SlowUploads:
+    """ByteStream uploads in background threads, a chunk every `pause` seconds."""
 
-    def run(i: int) -> None:
-        results[i] = bytestream_upload(client, blobs[i], pause=pause)
+    def __init__(self, client: RawClient, blobs: list[bytes], pause: float) -> None:
+        self.results: list[Outcome | None] = [None] * len(blobs)
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(blobs))]
-    for t in threads:
-        t.start()
-    _slow_uploads.threads = threads  # type: ignore[attr-defined]
-    return results
+        def run(i: int) -> None:
+            self.results[i] = bytestream_upload(client, blobs[i], pause=pause)
 
+        self.threads = [threading.Thread(target=run, args=(i,), daemon=True)
+                        for i in range(len(blobs))]  # fmt: skip
+        for t in self.threads:
+            t.start()
 
-def _join(timeout: float) -> None:
-    for t in _slow_uploads.threads:  # type: ignore[attr-defined]
-        t.join(timeout)
-        assert not t.is_alive(), "an upload thread is stuck"
+    def join(self, timeout: float) -> list[Outcome | None]:
+        for t in self.threads:
+            t.join(timeout)
+            assert not t.is_alive(), "an upload thread is stuck"
+        return self.results
 
 
 def test_sigkill_mid_upload_keeps_every_committed_blob(tmp_path: Path, clients) -> None:
@@ -235,11 +231,11 @@ def test_sigkill_mid_upload_keeps_every_committed_blob(tmp_path: Path, clients) 
         client.upload(*small)
         for b in committed:
             assert bytestream_upload(client, b).ok
-        results = _slow_uploads(client, inflight, pause=0.05)
+        uploads = SlowUploads(client, inflight, pause=0.05)
         time.sleep(0.5)  # a few chunks in
         os.kill(daemon.pid, signal.SIGKILL)
         assert daemon.wait(10) == -signal.SIGKILL
-        _join(30)
+        results = uploads.join(30)
     assert all(r is not None and not r.ok for r in results), results
     present = verify_store(data_dir)
     for b in inflight:
@@ -263,7 +259,7 @@ def test_sigstop_sigcont_mid_upload_completes_intact(tmp_path: Path, clients) ->
     with ReexecdProcess(tmp_path / "data", log_dir=tmp_path / "log") as daemon:
         client = _client(clients, daemon.port)
         healthy(client, b"before SIGSTOP")
-        results = _slow_uploads(client, blobs, pause=0.02)
+        uploads = SlowUploads(client, blobs, pause=0.02)
         time.sleep(0.2)
         os.kill(daemon.pid, signal.SIGSTOP)
         try:
@@ -274,7 +270,7 @@ def test_sigstop_sigcont_mid_upload_completes_intact(tmp_path: Path, clients) ->
             assert stopped.code is grpc.StatusCode.DEADLINE_EXCEEDED, stopped
         finally:
             os.kill(daemon.pid, signal.SIGCONT)
-        _join(60)
+        results = uploads.join(60)
         assert all(r is not None and r.ok for r in results), [str(r) for r in results]
         for b in blobs:
             assert client.read_blob(sha(b)) == b
@@ -337,35 +333,13 @@ def test_writer_killed_mid_stream_leaves_a_resumable_upload(tmp_path: Path, clie
         assert daemon.stop() == 0
 
 
-def _execute_action(client: RawClient, script: str, salt: bytes) -> bytes:
-    command = fastpb.Command(arguments=["/bin/sh", "-c", script])
-    root = fastpb.Directory().SerializeToString()
-    action = fastpb.Action(salt=salt, do_not_cache=True)
-    action.command_digest.CopyFrom(sha(command.SerializeToString()))
-    action.input_root_digest.CopyFrom(sha(root))
-    client.upload(command.SerializeToString(), root, action.SerializeToString())
-    req = fastpb.ExecuteRequest()
-    req.action_digest.CopyFrom(sha(action.SerializeToString()))
-    return req.SerializeToString()
-
-
-def _run_to_completion(client: RawClient, request: bytes) -> Any:
-    out = client.server_stream(EXECUTION + "Execute", request, timeout=60)
-    assert out.ok, out
-    op = fastpb.Operation.FromString(out.responses[-1])
-    assert op.done, op
-    resp = fastpb.ExecuteResponse()
-    op.response.Unpack(resp)
-    return resp
-
-
 def test_execute_client_that_vanishes_leaves_the_daemon_healthy(tmp_path: Path, clients) -> None:
     with ReexecdProcess(tmp_path / "data", log_dir=tmp_path / "log") as daemon:
         client = _client(clients, daemon.port)
         # Several clients start slow actions and go away after the first answer.
         calls = []
         for i in range(4):
-            req = _execute_action(client, "sleep 1; echo slow", b"vanish %d" % i)
+            req = client.action_request(["/bin/sh", "-c", "sleep 1; echo slow"], salt=b"%d" % i)
             call = client.channel.unary_stream(EXECUTION + "Execute")(req, timeout=30)
             first = fastpb.Operation.FromString(next(call))
             assert not first.done
@@ -375,7 +349,7 @@ def test_execute_client_that_vanishes_leaves_the_daemon_healthy(tmp_path: Path, 
         # A fresh client on a fresh connection: normal requests work, an action runs.
         other = _client(clients, daemon.port)
         healthy(other, b"after vanished Execute clients")
-        resp = _run_to_completion(other, _execute_action(other, "echo hello", b"after"))
+        resp = other.execute(other.action_request(["/bin/sh", "-c", "echo hello"], salt=b"a"))
         assert resp.status.code == 0, resp.status
         assert resp.result.exit_code == 0
         assert resp.result.stdout_raw == b"hello\n" or resp.result.HasField("stdout_digest")

@@ -204,12 +204,6 @@ def test_eio_gives_a_server_fault_status_with_a_message(faulty, client, rpc: str
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 item F4: an OSError(ENOSPC) from the store (disk full) is answered INTERNAL "
-    "'internal error in <method>', not RESOURCE_EXHAUSTED (no ENOSPC mapping in "
-    "reexec/rpc.py guard nor in cas_service/bytestream_service/ac_service)",
-)
 @pytest.mark.parametrize("rpc", ["BatchUpdateBlobs", "Write", "UpdateActionResult"])
 def test_enospc_on_a_write_is_resource_exhausted(faulty, client, rpc: str) -> None:
     out = _status_seen(faulty, client, rpc, errno.ENOSPC)
