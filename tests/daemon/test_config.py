@@ -196,7 +196,7 @@ def test_unknown_key_in_tagged_union_names_the_chosen_members_keys(tmp_path: Pat
         slow = { type = "filesystem", max_size = "1GB" }
         """,
     )
-    assert msg == "cas.slow: unknown key 'max_size'; allowed keys: type, path, max_bytes, fsync"
+    assert msg == "cas.slow: unknown key 'max_size'; allowed keys: type, path, max_bytes, fsync, max_blob_fraction"
     msg = error_for(tmp_path, "[cas]\ntype = 'memory'\npath = 'x'\n")
     assert msg == "cas: unknown key 'path'; allowed keys: type, max_bytes"
     msg = error_for(
