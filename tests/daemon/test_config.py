@@ -196,13 +196,19 @@ def test_unknown_key_in_tagged_union_names_the_chosen_members_keys(tmp_path: Pat
         slow = { type = "filesystem", max_size = "1GB" }
         """,
     )
-    assert msg == "cas.slow: unknown key 'max_size'; allowed keys: type, path, max_bytes, fsync, max_blob_fraction"
+    assert (
+        msg
+        == "cas.slow: unknown key 'max_size'; allowed keys: type, path, max_bytes, fsync, max_blob_fraction"
+    )
     msg = error_for(tmp_path, "[cas]\ntype = 'memory'\npath = 'x'\n")
-    assert msg == "cas: unknown key 'path'; allowed keys: type, max_bytes"
+    assert msg == "cas: unknown key 'path'; allowed keys: type, max_bytes, max_blob_fraction"
     msg = error_for(
         tmp_path, "[action_cache]\ntype = 'completeness_checking'\ninner = {type='memory', x=1}\n"
     )
-    assert msg == "action_cache.inner: unknown key 'x'; allowed keys: type, max_bytes"
+    assert (
+        msg
+        == "action_cache.inner: unknown key 'x'; allowed keys: type, max_bytes, max_blob_fraction"
+    )
 
 
 def test_bad_type_tag(tmp_path: Path) -> None:
