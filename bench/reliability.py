@@ -7,11 +7,10 @@
               connection), each running `--actions` (60) actions one after the other, as Bazel
               does: FindMissingBlobs -> BatchUpdateBlobs of the missing -> Execute until done.
               Every action has a distinct input file (no cache hits) and runs
-              `/bin/sh -c 'cat in.txt; echo "$ID" >> LOG'`: its stdout must be exactly its own
-              input, and LOG (outside the sandbox) counts how many times each action ran.
+              `/bin/cat in.txt`: its stdout must be exactly its own input.
     uploads:  `--uploaders` (32) concurrent ByteStream writers, each writing a distinct blob of
-              `--upload-kib` (512) KiB in 64 KiB chunks every `--upload-interval` (2) seconds
-              while the actions run (at most `--uploads` (50) each); every blob is read back at
+              `--upload-kib` (512) KiB in 64 KiB chunks every `--upload-interval` (3) seconds
+              while the actions run (at most `--uploads` (60) each); every blob is read back at
               the end and its SHA-256 checked.
     hogs:     `--hogs` (16) idle connections: 8 raw TCP connections that send the HTTP/2
               preface and nothing more, 8 gRPC channels that make one call and then idle.
@@ -20,7 +19,9 @@
               results, unknown operations, ...) with a short pause between them, for as long
               as the actions run. INTERNAL or UNKNOWN counts as a failure.
   sampled:  the server's RSS every 0.5 s (start, peak, end), server CPU.
-  checks:   every action completed exactly once (LOG) with exit 0 and its own stdout; every
+  checks:   every action completed, once, with exit 0 and its own stdout, and the server ran
+            exactly as many as were asked for (its /metrics on the status socket: actions run
+            by the worker, dispatched, retried, before and after the load); every
             upload readable and intact; no bad input answered INTERNAL/UNKNOWN; the daemon
             alive and answering at the end.
 
@@ -29,7 +30,7 @@ counts as lost. Defaults take about 2-4 minutes on a loaded 2-core machine. Scal
 `--clients 200 --actions 100 --uploaders 64 --uploads 16 --hogs 64`.
 
 Usage: .venv/bin/python bench/reliability.py [--clients 100] [--actions 60] [--uploaders 32]
-       [--uploads 50] [--upload-kib 512] [--upload-interval 2] [--hogs 16] [--slots 0]
+       [--uploads 60] [--upload-kib 512] [--upload-interval 3] [--hogs 16] [--slots 0]
        [--max-seconds 360]
 Exit status: 0 if every check passed, 1 otherwise.
 """
@@ -109,7 +110,7 @@ class Stats:
 # -- actions ------------------------------------------------------------------------------------
 
 
-def action_blobs(run_id: str, client: int, n: int, log: Path) -> tuple[str, bytes, dict, bytes]:
+def action_blobs(run_id: str, client: int, n: int) -> tuple[str, bytes, dict, bytes]:
     """(id, expected stdout, {hash: (digest, data)}, action digest bytes)."""
     ident = f"{run_id}-c{client}-a{n}"
     content = f"input of {ident}\n".encode()
@@ -117,8 +118,7 @@ def action_blobs(run_id: str, client: int, n: int, log: Path) -> tuple[str, byte
     f = root.files.add(name="in.txt")
     f.digest.CopyFrom(sha(content))
     rb = root.SerializeToString(deterministic=True)
-    cmd = fastpb.Command(arguments=["/bin/sh", "-c", f'cat in.txt; echo "$ID" >> {log}'])
-    cmd.environment_variables.add(name="ID", value=ident)
+    cmd = fastpb.Command(arguments=["/bin/cat", "in.txt"])
     cb = cmd.SerializeToString()
     action = fastpb.Action()
     action.command_digest.CopyFrom(sha(cb))
@@ -181,11 +181,11 @@ async def run_action(c: Client, stats: Stats, ident: str, expected: bytes, blobs
     stats.completed[ident] += 1
 
 
-async def action_client(target: str, stats: Stats, run_id: str, i: int, n: int, log: Path) -> None:
+async def action_client(target: str, stats: Stats, run_id: str, i: int, n: int) -> None:
     c = Client(target)
     try:
         for k in range(n):
-            ident, expected, blobs, ad = action_blobs(run_id, i, k, log)
+            ident, expected, blobs, ad = action_blobs(run_id, i, k)
             try:
                 await run_action(c, stats, ident, expected, blobs, ad)
             except Exception as e:
@@ -434,6 +434,30 @@ async def bad_client(target: str, stats: Stats, stop: asyncio.Event, pause: floa
         await c.close()
 
 
+# -- server metrics ---------------------------------------------------------------------------
+
+
+def scrape(socket_path: str) -> dict[str, float]:
+    """The daemon's Prometheus text from /metrics on its status socket, as {series: value}."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(socket_path)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: reexecd\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    body = b"".join(chunks).partition(b"\r\n\r\n")[2].decode()
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
 # -- RSS --------------------------------------------------------------------------------------
 
 
@@ -463,13 +487,14 @@ async def bench(args: argparse.Namespace) -> int:
     config = f"[worker]\nmax_inflight_tasks = {args.slots}\n" if args.slots else ""
     stats = Stats()
     with reexecd("serve", config, name="reliability") as server:
-        log = server.data_dir.parent / "executions.log"
+        metrics_socket = str(server.data_dir / "reexecd.sock")
         target = server.target
         stop = asyncio.Event()
         ok_before = await Client(target).unary(RE + "Capabilities/GetCapabilities")(b"", timeout=30)
         assert ok_before is not None
         await asyncio.sleep(1.0)
         rss_start = rss_kib(server.pid)
+        metrics_before = scrape(metrics_socket)
         background = [
             asyncio.create_task(sample_rss(server.pid, stats, stop)),
             asyncio.create_task(hogs(target, args.hogs, stop, stats)),
@@ -482,7 +507,7 @@ async def bench(args: argparse.Namespace) -> int:
         with CpuMeter(server) as m:
             work = [
                 *(
-                    action_client(target, stats, run_id, i, args.actions, log)
+                    action_client(target, stats, run_id, i, args.actions)
                     for i in range(args.clients)
                 ),
             ]
@@ -537,16 +562,27 @@ async def bench(args: argparse.Namespace) -> int:
         finally:
             await after.close()
         rss_end = rss_kib(server.pid) if alive else 0
-        executions = collections.Counter(
-            line.strip() for line in log.read_text().splitlines() if line.strip()
-        ) if log.exists() else collections.Counter()  # fmt: skip
+        metrics_after = scrape(metrics_socket)
+
+    def delta(name: str) -> float:
+        return metrics_after.get(name, 0.0) - metrics_before.get(name, 0.0)
+
+    missing_series = [
+        n
+        for n in ("reexec_worker_actions_total", "reexec_actions_dispatched_total",
+                  "reexec_action_retries_total")
+        if n not in metrics_after
+    ]  # fmt: skip
+    if missing_series:
+        print(f"the daemon's /metrics lacks {missing_series}: cannot count executions")
+    ran = delta("reexec_worker_actions_total")
+    dispatched = delta("reexec_actions_dispatched_total")
+    retried = delta("reexec_action_retries_total")
 
     expected = {f"{run_id}-c{i}-a{k}" for i in range(args.clients) for k in range(args.actions)}
     never_done = expected - set(stats.completed)
     twice_reported = [k for k, v in stats.completed.items() if v != 1]
-    not_run = expected - set(executions)
-    ran_more = {k: v for k, v in executions.items() if v != 1}
-    strangers = set(executions) - expected
+    exactly_once = ran == dispatched == total and not retried and not missing_series
     lat = stats.action_latency
     up = stats.upload_latency
     rss_peak = max([*stats.rss_kib, rss_end])
@@ -562,9 +598,8 @@ async def bench(args: argparse.Namespace) -> int:
             ["action latency p50 / p99 / max (s)",
              f"{percentile(lat, 50):.2f} / {percentile(lat, 99):.2f} / {max(lat, default=0):.2f}"],
             ["action errors", len(stats.action_errors)],
-            ["actions executed exactly once (LOG)", f"{sum(1 for v in executions.values() if v == 1)}/{total}"],
-            ["actions executed more than once / never / unknown ids",
-             f"{len(ran_more)} / {len(not_run)} / {len(strangers)}"],
+            ["executions run by the worker / dispatched / retried (server metrics)",
+             f"{ran:.0f} / {dispatched:.0f} / {retried:.0f} (expected {total} / {total} / 0)"],
             ["uploads done and intact (read back, SHA-256)", f"{len(stats.uploaded)}"],
             ["upload latency p50 / p99 (s)", f"{percentile(up, 50):.2f} / {percentile(up, 99):.2f}"],
             ["upload errors", len(stats.upload_errors)],
@@ -577,6 +612,11 @@ async def bench(args: argparse.Namespace) -> int:
             ["stopped by the time limit", "YES" if timed_out else "no"],
         ],
     ))  # fmt: skip
+    step = max(1, len(stats.rss_kib) // 10)
+    timeline = " ".join(str(k // 1024) for k in stats.rss_kib[::step])
+    print(
+        f"\nserver RSS over the run, MiB, every {step * 0.5:.0f} s: {timeline} (end {rss_end // 1024})"
+    )
     print("\nbad inputs, status seen per kind:")
     for kind in stats.bad_tried:
         codes = ", ".join(f"{c} x{n}" for c, n in stats.bad_codes[kind].most_common())
@@ -585,13 +625,13 @@ async def bench(args: argparse.Namespace) -> int:
                          ("upload errors", stats.upload_errors),
                          ("bad inputs answered badly", sorted(set(stats.bad_failures))),
                          ("reported done twice", twice_reported),
-                         ("ran more than once", [f"{k} x{v}" for k, v in ran_more.items()])]:  # fmt: skip
+                         ("never completed", sorted(never_done))]:  # fmt: skip
         if items:
             print(f"\n{title} ({len(items)}), first 10:")
             for item in list(items)[:10]:
                 print(f"  {item}")
     failed = bool(
-        never_done or twice_reported or not_run or ran_more or strangers or stats.action_errors
+        never_done or twice_reported or not exactly_once or stats.action_errors
         or stats.upload_errors or len(stats.uploaded) < args.uploaders
         or stats.bad_failures or not (alive and answering) or timed_out
     )  # fmt: skip
@@ -604,9 +644,9 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--actions", type=int, default=60, help="actions per client")
     p.add_argument("--uploaders", type=int, default=32)
-    p.add_argument("--uploads", type=int, default=12, help="at most this many blobs per uploader")
+    p.add_argument("--uploads", type=int, default=60, help="at most this many blobs per uploader")
     p.add_argument("--upload-kib", type=int, default=512)
-    p.add_argument("--upload-interval", type=float, default=2.0, help="seconds between uploads")
+    p.add_argument("--upload-interval", type=float, default=3.0, help="seconds between uploads")
     p.add_argument("--hogs", type=int, default=16)
     p.add_argument("--bad-pause", type=float, default=0.05, help="seconds between bad inputs")
     p.add_argument("--slots", type=int, default=0, help="worker slots (0: the default config)")
