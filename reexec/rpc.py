@@ -212,22 +212,31 @@ _TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.E
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-def resource_error(e: OSError, name: str) -> GRPCError:
-    """The status for an OSError that escaped a handler: UNAVAILABLE when the server ran out of
-    descriptors or memory, RESOURCE_EXHAUSTED when its disk is full, else INTERNAL (logged)."""
+def os_error_status(e: OSError, name: str) -> tuple[grpclib.const.Status, str]:
+    """Status and message for an OSError met while serving `name` (logged here): UNAVAILABLE
+    when the server ran out of descriptors or memory, RESOURCE_EXHAUSTED when its disk is full,
+    else INTERNAL naming the failure (an I/O error of the server's storage, never the client's
+    fault). Server paths are left out of the message."""
     if e.errno in _TRANSIENT_ERRNOS:
         log.warning("%s: %s", name, e)
-        return GRPCError(
+        return (
             grpclib.const.Status.UNAVAILABLE,
             f"the server is out of resources ({e.strerror}); retry later",
         )
     if e.errno in _FULL_ERRNOS:
         log.warning("%s: %s", name, e)
-        return GRPCError(
-            grpclib.const.Status.RESOURCE_EXHAUSTED, f"the server's storage is full ({e.strerror})"
+        return (
+            grpclib.const.Status.RESOURCE_EXHAUSTED,
+            f"the server's storage is full ({e.strerror})",
         )
-    log.exception("internal error in %s", name)
-    return GRPCError(grpclib.const.Status.INTERNAL, f"internal error in {name}")
+    log.error("%s: %s", name, e, exc_info=e)
+    what = e.strerror or type(e).__name__
+    return grpclib.const.Status.INTERNAL, f"{name}: server I/O error ({what})"
+
+
+def resource_error(e: OSError, name: str) -> GRPCError:
+    """`os_error_status` as the GRPCError a handler raises."""
+    return GRPCError(*os_error_status(e, name))
 
 
 def _ungated(name: str, func: Callable[[Stream], Awaitable[None]], max_receive_bytes: int):

@@ -66,6 +66,7 @@ async def test_os_errors_map_to_resource_statuses(code, status):
     with pytest.raises(GRPCError) as e:
         await wrapped(_Stream())
     assert e.value.status is status
+    assert "internal error in" not in e.value.message  # the failure is named
 
 
 async def test_wait_operation_with_a_negative_timeout(aio_loop, tmp_path, nursery):

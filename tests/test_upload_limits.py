@@ -161,3 +161,57 @@ async def test_zstd_upload_of_endless_skippable_frames_is_refused(stub):
         await call(stub.write, chunks(name, stream, size=8192, finish=False))
     assert e.value.status is Status.INVALID_ARGUMENT
     assert "more than any encoding of 1000 bytes needs" in e.value.message
+
+
+# -- storage failures ---------------------------------------------------------------------------
+
+
+async def test_batch_entry_storage_failure_is_a_per_blob_status(daemon, channel, monkeypatch):
+    import errno
+
+    async def full(digest, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(daemon.cas, "put_bytes", full)
+    cas = re.ContentAddressableStorageStub(channel)
+    b = b"will not fit"
+    resp = await call(
+        cas.batch_update_blobs,
+        re.BatchUpdateBlobsRequest(
+            requests=[
+                re.BatchUpdateBlobsRequestRequest(
+                    digest=re.Digest(hash=hashlib.sha256(b).hexdigest(), size_bytes=len(b)),
+                    data=b,
+                )
+            ]
+        ),
+    )
+    (r,) = resp.responses
+    assert r.status.code == Status.RESOURCE_EXHAUSTED.value
+    assert "storage is full" in r.status.message
+
+
+async def test_write_that_meets_a_full_disk_is_not_kept_for_resumption(daemon, stub, monkeypatch):
+    import errno
+
+    real_open = daemon.cas.open_write
+
+    async def open_write(digest):
+        writer = await real_open(digest)
+
+        async def write(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        writer.write = write
+        return writer
+
+    monkeypatch.setattr(daemon.cas, "open_write", open_write)
+    data = b"w" * 5000
+    name = upload_name(data)
+    with pytest.raises(GRPCError) as e:
+        await call(stub.write, chunks(name, data, size=1000, finish=False)[:2])
+    assert e.value.status is Status.RESOURCE_EXHAUSTED
+    # Its partial data is gone at once, not kept (filling the disk) for upload_idle_timeout_s.
+    with pytest.raises(GRPCError) as e:
+        await call(stub.query_write_status, bs.QueryWriteStatusRequest(resource_name=name))
+    assert e.value.status is Status.NOT_FOUND

@@ -382,8 +382,9 @@ class ByteStreamService(Service):
                 await self._feed(upload, b"".join(check.parts))
             if check.finished:
                 await upload.writer.commit()
-        except InvalidArgument:
-            # Wrong size, bad hash or corrupt zstd data: the upload cannot be resumed.
+        except (InvalidArgument, OSError):
+            # Wrong size, bad hash or corrupt zstd data: the upload cannot be resumed. A storage
+            # failure (a full disk) must not keep its partial data around for the idle timeout.
             await self._abandon(key)
             raise
         upload.last_active = time.monotonic()

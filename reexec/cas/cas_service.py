@@ -27,6 +27,7 @@ from reexec.rpc import (
     Stream,
     aio,
     check_instance,
+    os_error_status,
     parse_page_token,
     streaming,
     unary,
@@ -122,6 +123,9 @@ class CasService(Service):
                 await self.cas.put_bytes(digest, data)
             except ReexecError as e:
                 statuses[i] = (e.status.value, e.message)
+            except OSError as e:  # per blob, as REAPI batch statuses are
+                status, message = os_error_status(e, f"BatchUpdateBlobs of {entry.digest.hash}")
+                statuses[i] = (status.value, message)
 
         await for_each(entries, one, BATCH_CONCURRENCY)
         response = fastpb.BatchUpdateBlobsResponse()
@@ -150,6 +154,9 @@ class CasService(Service):
                 results[i] = (0, "", await self.cas.get_bytes(digest))
             except ReexecError as e:
                 results[i] = (e.status.value, e.message, b"")
+            except OSError as e:
+                status, message = os_error_status(e, f"BatchReadBlobs of {d.hash}")
+                results[i] = (status.value, message, b"")
 
         await for_each(wire, one, BATCH_CONCURRENCY)
         response = fastpb.BatchReadBlobsResponse()
