@@ -162,3 +162,13 @@ async def test_idle_connections_are_closed(aio_loop, tmp_path):
                 s.close()
             busy.close()
         assert daemon.returncode is None
+
+
+def test_default_max_connections_follows_the_fd_limit(monkeypatch):
+    import resource
+
+    from reexec.daemon import grpc_server
+
+    for soft, want in [(256, 128), (20, 16), (1 << 20, 10_000), (resource.RLIM_INFINITY, 10_000)]:
+        monkeypatch.setattr(resource, "getrlimit", lambda _, soft=soft: (soft, soft))
+        assert grpc_server.default_max_connections() == want

@@ -72,8 +72,9 @@ class ServerConfig(_Base):
     from its length prefix, before it is buffered or decoded. 0 (default): 4 MiB plus
     max_batch_total_size_bytes (8128 KiB with the default batch size)."""
     max_connections: int = 0
-    """Client connections served at once per listen address; one more is closed as soon as it
-    is accepted. 0 (default): half of the file-descriptor limit (RLIMIT_NOFILE), at least 16."""
+    """Client connections served at once (all TCP listen addresses together); one more is
+    closed as soon as it is accepted. 0 (default): half of the file-descriptor limit
+    (RLIMIT_NOFILE), at least 16 and at most 10,000."""
     connection_idle_timeout_s: float = 300.0
     """A client connection with no RPC in flight for this long is closed; 0 keeps idle
     connections open forever. Default 300 s."""

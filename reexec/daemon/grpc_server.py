@@ -50,13 +50,18 @@ def make_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
+# Even with a huge descriptor limit: each connection costs grpclib tens of KiB and may carry
+# 100 concurrent streams.
+MAX_DEFAULT_CONNECTIONS = 10_000
+
+
 def default_max_connections() -> int:
     """Half of the file-descriptor limit (the rest is for store files, the worker, threads),
-    at least 16."""
+    at least 16 and at most MAX_DEFAULT_CONNECTIONS."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(16, soft // 2)
+    return min(MAX_DEFAULT_CONNECTIONS, max(16, soft // 2))
 
 
 def max_receive_message_bytes(server: ServerConfig) -> int:
