@@ -184,14 +184,9 @@ def test_store_failure_leaves_the_daemon_serving(faulty, client, rpc: str, err: 
     assert out.code is not grpc.StatusCode.DEADLINE_EXCEEDED, f"{rpc} hung on a failing store"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 item F3: an OSError(EIO) from the store is answered INTERNAL 'internal error "
-    "in <method>' naming neither the failure nor the blob (reexec/rpc.py guard: every "
-    "non-ReexecError becomes a generic INTERNAL; batch RPCs fail as a whole instead of per blob)",
-)
 @pytest.mark.parametrize("rpc", RPCS)
 def test_eio_gives_a_server_fault_status_with_a_message(faulty, client, rpc: str) -> None:
+    """(Generic 'internal error in <method>', whole batches failed, until e35ca4f: F3.)"""
     out = _status_seen(faulty, client, rpc, errno.EIO)
     codes = _per_blob_codes(rpc, out)
     if codes:  # batch RPCs report per blob
