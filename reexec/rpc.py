@@ -9,12 +9,14 @@ and cross from grpclib's asyncio world into Trio exactly once per RPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpclib.const
@@ -42,6 +44,9 @@ WORKER_HEADER = "x-reexec-worker"
 # gRPC's customary 4 MiB plus our default max_batch_total_size_bytes (4032 KiB): the largest
 # message a server accepts unless configured otherwise.
 DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = (4 << 20) + 4032 * 1024
+# Large request messages received at once by one server, in units of the largest message:
+# 32 x 8128 KiB, about 254 MiB by default.
+RECEIVE_BUDGET_MESSAGES = 32
 
 
 class StatusDetailsCodec(StatusDetailsCodecBase):
@@ -115,7 +120,79 @@ class RpcGate:
 UNGATED = frozenset({"/reexec.worker.v1.WorkerApi/Connect"})
 
 
-async def _recv_bounded(stream: Stream, max_bytes: int) -> Any:
+# Message bodies larger than this reserve their size in the server's ReceiveBudget.
+LARGE_MESSAGE_BYTES = 1 << 20
+
+
+class ReceiveBudget:
+    """Bytes of large request messages being received at once, across every RPC of a server.
+
+    One message of up to max_receive_message_bytes is cheap; one on each of 100 streams of each
+    of hundreds of connections at once is not. A body over LARGE_MESSAGE_BYTES reserves its
+    length here before it is received, waiting up to `wait_s` for room (then
+    RESOURCE_EXHAUSTED), and must then arrive within `body_timeout_s`, so a client trickling
+    bytes cannot hold the budget for long. Used only on the asyncio loop's thread.
+    """
+
+    def __init__(self, limit_bytes: int, wait_s: float = 30.0, body_timeout_s: float = 120.0):
+        self.limit = limit_bytes
+        self.wait_s = wait_s
+        self.body_timeout_s = body_timeout_s
+        self.used = 0
+        self._freed: asyncio.Future[None] | None = None
+
+    async def reserve(self, n: int) -> int:
+        """Reserve `n` bytes (at most the whole budget); returns what to `release`."""
+        n = min(n, self.limit)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while self.used + n > self.limit:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise GRPCError(
+                    grpclib.const.Status.RESOURCE_EXHAUSTED,
+                    f"the server is receiving {self.used} bytes of large requests already "
+                    f"(budget {self.limit}); retry later",
+                )
+            if self._freed is None or self._freed.done():
+                self._freed = loop.create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._freed), remaining)
+        self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        if self._freed is not None and not self._freed.done():
+            self._freed.set_result(None)
+
+
+@dataclass(frozen=True)
+class ReceiveLimits:
+    """How request messages are received: the size limit and the shared budget."""
+
+    max_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
+    budget: ReceiveBudget | None = None
+
+
+async def _recv_body(stream: Stream, length: int, budget: ReceiveBudget | None) -> bytes:
+    h2_stream = stream._stream
+    if budget is None or length <= LARGE_MESSAGE_BYTES:
+        return await h2_stream.recv_data(length)
+    reserved = await budget.reserve(length)
+    try:
+        async with asyncio.timeout(budget.body_timeout_s):
+            return await h2_stream.recv_data(length)
+    except TimeoutError:
+        raise GRPCError(
+            grpclib.const.Status.DEADLINE_EXCEEDED,
+            f"a {length}-byte request message did not arrive within {budget.body_timeout_s:g}s",
+        ) from None
+    finally:
+        budget.release(reserved)
+
+
+async def _recv_bounded(stream: Stream, limits: ReceiveLimits) -> Any:
     """grpclib's `Stream.recv_message`, refusing a message longer than `max_bytes` from its
     5-byte length prefix (RESOURCE_EXHAUSTED), before its body is received or decoded.
 
@@ -124,6 +201,7 @@ async def _recv_bounded(stream: Stream, max_bytes: int) -> Any:
     `grpclib.stream.recv_message`, which it replaces per stream (see `limit_receive`).
     """
     h2_stream = stream._stream
+    max_bytes = limits.max_message_bytes
     meta = await h2_stream.recv_data(5)
     if not meta:
         return None
@@ -140,7 +218,7 @@ async def _recv_bounded(stream: Stream, max_bytes: int) -> Any:
             "through ByteStream)",
         )
     try:
-        data = await h2_stream.recv_data(length)
+        data = await _recv_body(stream, length, limits.budget)
     except AssertionError:  # grpclib's way of saying the stream ended early
         raise GRPCError(
             grpclib.const.Status.INVALID_ARGUMENT,
@@ -160,24 +238,25 @@ async def _recv_bounded(stream: Stream, max_bytes: int) -> Any:
     return message
 
 
-def limit_receive(stream: Stream, max_bytes: int) -> None:
-    """Make every `stream.recv_message()` (whoever calls it) enforce `max_bytes`."""
-    stream.recv_message = functools.partial(_recv_bounded, stream, max_bytes)  # type: ignore[method-assign]
+def limit_receive(stream: Stream, limits: ReceiveLimits) -> None:
+    """Make every `stream.recv_message()` (whoever calls it) enforce `limits`."""
+    stream.recv_message = functools.partial(_recv_bounded, stream, limits)  # type: ignore[method-assign]
 
 
 def guard(
     gate: RpcGate,
     name: str,
     func: Callable[[Stream], Awaitable[None]],
-    max_receive_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+    receive: ReceiveLimits | None = None,
 ):
-    """Wrap a grpclib handler: message size limit, drain gate, ReexecError -> status,
+    """Wrap a grpclib handler: request size limits, drain gate, ReexecError -> status,
     accounting, logging."""
+    receive = receive or ReceiveLimits()
     if name in UNGATED:
-        return _ungated(name, func, max_receive_bytes)
+        return _ungated(name, func, receive)
 
     async def handle(stream: Stream) -> None:
-        limit_receive(stream, max_receive_bytes)
+        limit_receive(stream, receive)
         gate.enter(name, stream)
         started = time.monotonic()
         status = "OK"
@@ -239,9 +318,9 @@ def resource_error(e: OSError, name: str) -> GRPCError:
     return GRPCError(*os_error_status(e, name))
 
 
-def _ungated(name: str, func: Callable[[Stream], Awaitable[None]], max_receive_bytes: int):
+def _ungated(name: str, func: Callable[[Stream], Awaitable[None]], receive: ReceiveLimits):
     async def handle(stream: Stream) -> None:
-        limit_receive(stream, max_receive_bytes)
+        limit_receive(stream, receive)
         try:
             await func(stream)
         except ReexecError as e:
@@ -309,7 +388,8 @@ class Servable:
     """All services as one grpclib IServable, every handler wrapped by `guard` with one gate.
 
     `max_receive_message_bytes` applies to every request message of every RPC; it is read when
-    a grpclib Server is built from this servable.
+    a grpclib Server is built from this servable. All servers built from it share one
+    ReceiveBudget of RECEIVE_BUDGET_MESSAGES such messages.
     """
 
     def __init__(
@@ -321,13 +401,22 @@ class Servable:
         self._services = services
         self.gate = gate
         self.max_receive_message_bytes = max_receive_message_bytes
+        self._receive: ReceiveLimits | None = None
+
+    def receive_limits(self) -> ReceiveLimits:
+        if self._receive is None or self._receive.max_message_bytes != (
+            self.max_receive_message_bytes
+        ):
+            budget = ReceiveBudget(RECEIVE_BUDGET_MESSAGES * self.max_receive_message_bytes)
+            self._receive = ReceiveLimits(self.max_receive_message_bytes, budget)
+        return self._receive
 
     def __mapping__(self) -> dict[str, Handler]:
         out: dict[str, Handler] = {}
         for service in self._services:
             for method, (func, cardinality, req, resp) in service.rpcs().items():
                 path = f"/{service.SERVICE}/{method}"
-                handler = guard(self.gate, path, func, self.max_receive_message_bytes)
+                handler = guard(self.gate, path, func, self.receive_limits())
                 out[path] = Handler(handler, cardinality, req, resp)
         return out
 

@@ -197,3 +197,87 @@ async def test_find_missing_yields_to_other_tasks_between_chunks():
         nursery.cancel_scope.cancel()
     assert len(response.missing_blob_digests) == 10 * FIND_MISSING_CHUNK + 1
     assert during >= 5  # ~one turn per chunk (10 boundaries); 0 without chunking
+
+
+# -- the receive budget -----------------------------------------------------------------------
+
+
+async def test_receive_budget_waits_for_room_then_gives_up(aio_loop):
+    from reexec.rpc import ReceiveBudget
+
+    budget = ReceiveBudget(100, wait_s=0.3)
+
+    async def scenario() -> list[str]:
+        import asyncio
+
+        events = []
+        first = await budget.reserve(80)
+        events.append(f"first {first}")
+
+        async def second() -> None:
+            got = await budget.reserve(50)
+            events.append(f"second {got}")
+            budget.release(got)
+
+        task = asyncio.ensure_future(second())
+        await asyncio.sleep(0.05)
+        events.append("releasing")
+        budget.release(first)
+        await task
+        # More than the whole budget is clamped to it; waiting past wait_s gives up.
+        whole = await budget.reserve(10_000)
+        events.append(f"whole {whole}")
+        try:
+            await budget.reserve(1)
+        except GRPCError as e:
+            events.append(e.status.name)
+        budget.release(whole)
+        return events
+
+    events = await trio_asyncio.aio_as_trio(scenario)()
+    assert events == ["first 80", "releasing", "second 50", "whole 100", "RESOURCE_EXHAUSTED"]
+    assert budget.used == 0
+
+
+async def test_large_messages_share_the_budget(daemon, channel):
+    budget = daemon.server.servable.receive_limits().budget
+    budget.limit = 2 << 20  # room for one ~1.5 MiB message at a time
+    req = find_missing_request(20_000)  # ~1.4 MiB: over LARGE_MESSAGE_BYTES
+    results = []
+
+    async def one() -> None:
+        resp = await unary(channel, "FindMissingBlobs", req, fastpb.FindMissingBlobsResponse)
+        results.append(len(resp.missing_blob_digests))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(one)
+    assert results == [20_000] * 4
+    assert budget.used == 0
+
+
+async def test_a_trickled_large_message_times_out(daemon, channel):
+    budget = daemon.server.servable.receive_limits().budget
+    budget.body_timeout_s = 0.5
+    body = find_missing_request(20_000).SerializeToString()
+    framed = b"\x00" + len(body).to_bytes(4, "big") + body
+
+    async def run():
+        async with channel.request(
+            f"{CAS}/FindMissingBlobs",
+            Cardinality.UNARY_UNARY,
+            fastpb.FindMissingBlobsRequest,
+            fastpb.FindMissingBlobsResponse,
+        ) as stream:
+            await stream.send_request()
+            # Half the message, then nothing: the server must not hold its budget forever.
+            await stream._stream.send_data(framed[: len(framed) // 2])
+            return await stream.recv_message()
+
+    started = time.monotonic()
+    with pytest.raises(GRPCError) as e:
+        with trio.fail_after(10):
+            await trio_asyncio.aio_as_trio(run)()
+    assert e.value.status is Status.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5
+    assert budget.used == 0
