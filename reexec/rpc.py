@@ -120,8 +120,9 @@ class RpcGate:
 UNGATED = frozenset({"/reexec.worker.v1.WorkerApi/Connect"})
 
 
-# Message bodies larger than this reserve their size in the server's ReceiveBudget.
-LARGE_MESSAGE_BYTES = 1 << 20
+# Message bodies larger than this reserve their size in the server's ReceiveBudget (Bazel's
+# 16 KiB ByteStream chunks and small unary requests do not pay for it).
+LARGE_MESSAGE_BYTES = 64 << 10
 
 
 class ReceiveBudget:
