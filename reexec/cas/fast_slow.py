@@ -15,6 +15,9 @@ from reexec.cas.digest import Digest
 from reexec.cas.store import READ_CHUNK, BlobNotFound, BlobReader, BlobWriter, Store
 from reexec.errors import ResourceExhausted
 
+# How long a cancelled read may spend finishing its copy into the fast store.
+TEE_FINISH_TIMEOUT_S = 30.0
+
 
 class FastSlowStore(Store):
     def __init__(self, fast: Store, slow: Store) -> None:
@@ -68,7 +71,9 @@ class FastSlowStore(Store):
             try:
                 yield tee
             finally:
-                with trio.CancelScope(shield=True):
+                # Bounded: a stuck fast store must not keep a cancelled reader alive forever;
+                # an unfinished tee leaves the blob absent from the fast store, nothing worse.
+                with trio.move_on_after(TEE_FINISH_TIMEOUT_S, shield=True):
                     await tee.finish()
 
     async def _fast_writer(self, digest: Digest) -> BlobWriter | None:

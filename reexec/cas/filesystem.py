@@ -56,6 +56,9 @@ WRITE_BUFFER = 1 << 20
 # 4 KiB read or write costs ~15 us, a trio.to_thread hop ~100 us of CPU.
 INLINE_IO_LIMIT = 64 * 1024
 
+# Removing a temp file after a failed or aborted upload; see the call sites.
+CLEANUP_TIMEOUT_S = 10.0
+
 _LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 
@@ -329,8 +332,10 @@ class FilesystemStore(Store):
                 await self._add(digest)
         finally:
             if tmp is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(_remove_quietly, tmp)
+                # Bounded; an unlink the bound abandons finishes in its thread, and a temp
+                # file left behind is removed by the next start's scan of tmp/.
+                with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                    await trio.to_thread.run_sync(_remove_quietly, tmp, abandon_on_cancel=True)
         return True
 
     def _take_verified(self, digest: Digest, source: str) -> str:
@@ -465,8 +470,10 @@ class _FileWriter:
         self._buf = bytearray()
         self._release()
         if fd is not None:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_close_and_remove, fd, self._path)
+            with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                await trio.to_thread.run_sync(
+                    _close_and_remove, fd, self._path, abandon_on_cancel=True
+                )
 
 
 def _write_all(fd: int, data: bytearray) -> None:
