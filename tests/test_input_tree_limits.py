@@ -252,3 +252,26 @@ async def test_get_tree_parses_wide_levels_in_a_thread(env, monkeypatch):
     pages = await get_tree(channel, root_raw)
     assert sum(len(p.directories) for p in pages) == 301
     assert "_level_children" in threaded
+
+
+async def test_get_tree_pages_stay_small_whatever_page_size_asks(env):
+    _, channel = env
+    # 40 directories of ~40 KiB each (~1.6 MiB): more than one page's bytes.
+    leaves = [
+        bytes(
+            re.Directory(
+                symlinks=[re.SymlinkNode(name=f"s{j}", target="t" * 1000) for j in range(40)]
+                + [re.SymlinkNode(name="i", target=str(i))]
+            )
+        )
+        for i in range(40)
+    ]
+    root = fastpb.Directory()
+    for i, raw in enumerate(leaves):
+        _node(root, "directories", f"d{i:02}", raw)
+    root_raw = root.SerializeToString(deterministic=True)
+    await upload(channel, [*leaves, root_raw])
+    pages = await get_tree(channel, root_raw, page_size=2**31 - 1)
+    assert len(pages) >= 2
+    assert sum(len(p.directories) for p in pages) == 41
+    assert all(len(bytes(p)) <= (1 << 20) + 64 * 1024 for p in pages)

@@ -43,6 +43,8 @@ FIND_MISSING_CHUNK = 4096
 DEFAULT_TREE_PAGE_BYTES = 1 << 20
 # GetTree parses a level of the tree with more directories than this in a worker thread.
 THREAD_THRESHOLD = 256
+# Loops over a tree level on the event loop give other tasks a turn this often.
+CHECKPOINT_EVERY = 4096
 
 
 class CasService(Service):
@@ -198,10 +200,10 @@ class CasService(Service):
             if index < offset:
                 index += 1
                 continue
+            # REAPI lets the server cut pages shorter than page_size: a page never passes
+            # DEFAULT_TREE_PAGE_BYTES, whatever page_size asks (2^31 would be one huge message).
             full = (request.page_size and len(page.directories) >= request.page_size) or (
-                not request.page_size
-                and page_bytes + len(raw) > DEFAULT_TREE_PAGE_BYTES
-                and page_bytes
+                page_bytes + len(raw) > DEFAULT_TREE_PAGE_BYTES and page_bytes
             )
             if full:
                 page.next_page_token = str(index)
@@ -233,7 +235,9 @@ class CasService(Service):
             for raw in raws.values():
                 yield raw
             next_level: list[Digest] = []
-            for d in children:
+            for n, d in enumerate(children):
+                if n % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                    await trio.lowlevel.checkpoint()
                 if d not in seen:
                     if len(seen) > MAX_TREE_ENTRIES:
                         raise InvalidArgument(

@@ -43,6 +43,8 @@ from reexec.sched.scheduler import ActionSpec, SchedulerSettings
 THREAD_THRESHOLD = 256
 # Directory reads in flight at once while loading one input tree.
 READ_CONCURRENCY = 16
+# The loop over a level's subdirectories gives other tasks a turn this often.
+CHECKPOINT_EVERY = 4096
 
 
 async def _read(cas: Store, digest: Digest) -> bytes | None:
@@ -149,9 +151,13 @@ async def input_tree_size(
         else:
             parsed = _parse_level(present, fn)
         next_level: dict[Digest, None] = {}
+        seen_children = 0
         for digest, (directory, children) in parsed.items():
             directories[digest] = directory
             for child in children:
+                seen_children += 1
+                if seen_children % CHECKPOINT_EVERY == 0:
+                    await trio.lowlevel.checkpoint()
                 if child in directories or child in known or child in next_level:
                     continue
                 size = cache.get(child)
