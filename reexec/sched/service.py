@@ -148,7 +148,8 @@ class OperationsService(Service):
             raise InvalidArgument(f"page_size {request.page_size} is negative")
         ops = sorted(self.scheduler.store, key=lambda o: (o.created_at, o.name))
         start = parse_page_token(request.page_token)
-        size = request.page_size or 1000
+        # The server may cut pages shorter than asked (AIP-158): at most 1000 per page.
+        size = min(request.page_size or 1000, 1000)
         resp = fastpb.message_class("google.longrunning.ListOperationsResponse")()
         for op in ops[start : start + size]:
             resp.operations.append(operation_message(op))
