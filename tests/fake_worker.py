@@ -18,6 +18,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from reexec import fastpb
 from reexec.gen.build.bazel.remote.execution import v2 as re
+from reexec.worker_protocol import WORKER_TOKEN_HEADER
 from tests.conftest import call
 
 WorkerMessage = fastpb.message_class("reexec.worker.v1.WorkerMessage")
@@ -153,12 +154,14 @@ class FakeWorker:
         platform: dict[str, str] | None = None,
         slots: int = 1,
         running: list[str] = (),  # type: ignore[assignment]
+        token: str | None = None,
     ) -> None:
         self.channel = channel
         self.worker_id = worker_id
         self.platform = platform or {}
         self.slots = slots
         self.running = list(running)
+        self.token = token
         self.starts: list[Any] = []
         self.cancels: list[Any] = []
         self._send, self._receive = trio.open_memory_channel[Any](math.inf)
@@ -173,6 +176,7 @@ class FakeWorker:
             Cardinality.STREAM_STREAM,
             WorkerMessage,
             SchedulerMessage,
+            metadata={WORKER_TOKEN_HEADER: self.token} if self.token else None,
         )
         self.stream = await trio_asyncio.aio_as_trio(self._cm.__aenter__)()
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ from reexec.cas.capabilities_service import CapabilitiesService
 from reexec.cas.cas_service import CasService
 from reexec.cas.factory import build_action_cache, build_store
 from reexec.cas.store import Store
-from reexec.daemon.channels import default_worker_id, unix_channel_factory
+from reexec.daemon.channels import default_worker_id, read_token, unix_channel_factory
 from reexec.daemon.config import Config, ConfigError, WorkerConfig, parse_size
 from reexec.daemon.grpc_server import GrpcServer, make_ssl_context
 from reexec.daemon.lifecycle import Lifecycle, changed_keys
@@ -70,6 +71,7 @@ def build_services(
     ac: ActionCache,
     uploads: UploadTable,
     scheduler: Scheduler | None = None,
+    worker_token: str | None = None,
 ) -> list[Service]:
     s = config.server
     max_batch = parse_size(s.max_batch_total_size_bytes)
@@ -78,7 +80,7 @@ def build_services(
         scheduling = [
             ExecutionService(scheduler, cas, instances=s.instances),
             OperationsService(scheduler, allow_list=s.allow_list_operations),
-            WorkerService(scheduler, cas),
+            WorkerService(scheduler, cas, token=worker_token),
         ]
     return [
         CapabilitiesService(
@@ -152,7 +154,10 @@ class Daemon:
         config = self.config
         if self.with_scheduler:
             self.scheduler = Scheduler(config.scheduler.settings(), self.ac)
-        self.services = build_services(config, self.cas, self.ac, uploads, self.scheduler)
+        worker_token = await self._worker_token()
+        self.services = build_services(
+            config, self.cas, self.ac, uploads, self.scheduler, worker_token
+        )
         tls = config.server.tls
         unix_path = _worker_socket_path(Path(config.data_dir)) if self.with_worker else None
         self.server = server = GrpcServer(
@@ -169,10 +174,26 @@ class Daemon:
             nursery.start_soon(uploads.run_expiry)
             if unix_path is not None:
                 self.agent = await self._build_local_worker(unix_path)
+                self.agent.settings.token = worker_token
                 await nursery.start(self.agent.run)
             self._describe_status()
             log.info("reexecd ready", extra={"pid": os.getpid(), "data_dir": config.data_dir})
             task_status.started()
+
+    async def _worker_token(self) -> str | None:
+        """The secret workers must present to register, or None if any worker may."""
+        if not self.with_scheduler:
+            return None
+        path = self.config.scheduler.worker_token_file
+        if path:
+            return await read_token(path, "scheduler.worker_token_file")
+        if self.with_worker:
+            return secrets.token_urlsafe(32)  # only the local worker knows it
+        log.warning(
+            "any client can register as a worker (WorkerApi.Connect): set "
+            "scheduler.worker_token_file, and worker.token_file on the workers"
+        )
+        return None
 
     async def _build_local_worker(self, unix_path: str) -> WorkerAgent:
         try:

@@ -1,4 +1,5 @@
-"""gRPC channels a worker opens to its scheduler: TCP (grpc://, grpcs://) or a unix socket."""
+"""gRPC channels a worker opens to its scheduler (TCP: grpc://, grpcs://; or a unix socket), and
+the worker token it presents."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
+import trio
 import trio_asyncio
 from grpclib.client import Channel
 
@@ -51,3 +53,14 @@ def unix_channel_factory(path: str) -> ChannelFactory:
 
 def default_worker_id(suffix: str = "") -> str:
     return socket.gethostname() + suffix
+
+
+async def read_token(path: str, key: str) -> str:
+    """A token from a file (surrounding whitespace ignored); ConfigError naming `key` if unusable."""
+    try:
+        token = (await trio.Path(path).read_text()).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e}") from None
+    if len(token) < 16:
+        raise ConfigError(f"{key}: the token in {path} is shorter than 16 characters")
+    return token

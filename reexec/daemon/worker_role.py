@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 import trio_asyncio
 
-from reexec.daemon.channels import default_worker_id, scheduler_channel_factory
+from reexec.daemon.channels import default_worker_id, read_token, scheduler_channel_factory
 from reexec.daemon.config import Config, ConfigError
 from reexec.daemon.lifecycle import Lifecycle, changed_keys
 from reexec.daemon.status import StatusSources
@@ -50,6 +50,10 @@ class WorkerRole:
                 )
             except WorkerSetupError as e:
                 raise ConfigError(str(e)) from None
+            if config.worker.token_file:
+                self.agent.settings.token = await read_token(
+                    config.worker.token_file, "worker.token_file"
+                )
             self.status.agent = self.agent
             await self.agent.run(task_status=task_status)
         finally:

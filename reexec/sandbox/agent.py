@@ -29,12 +29,14 @@ from grpclib.const import Cardinality
 from reexec import fastpb
 from reexec.grpc_client import aio, open_stream
 from reexec.sandbox.executor import ActionExecutor
+from reexec.worker_protocol import (
+    CONNECT,
+    WORKER_TOKEN_HEADER,
+    SchedulerMessage,
+    WorkerMessage,
+)
 
 log = logging.getLogger(__name__)
-
-WorkerMessage = fastpb.message_class("reexec.worker.v1.WorkerMessage")
-SchedulerMessage = fastpb.message_class("reexec.worker.v1.SchedulerMessage")
-CONNECT = "/reexec.worker.v1.WorkerApi/Connect"
 
 
 @dataclass
@@ -45,6 +47,8 @@ class AgentSettings:
     precondition_script: str | None = None
     drain_timeout_s: float = 300.0
     reconnect_max_s: float = 30.0
+    # The scheduler's worker token (sent as WORKER_TOKEN_HEADER), if it requires one.
+    token: str | None = None
 
 
 @dataclass
@@ -156,8 +160,14 @@ class WorkerAgent:
     async def _session(self, actions: trio.Nursery) -> None:
         channel = await self.channel_factory()
         try:
+            token = self.settings.token
             async with open_stream(
-                channel, CONNECT, Cardinality.STREAM_STREAM, WorkerMessage, SchedulerMessage
+                channel,
+                CONNECT,
+                Cardinality.STREAM_STREAM,
+                WorkerMessage,
+                SchedulerMessage,
+                metadata={WORKER_TOKEN_HEADER: token} if token else None,
             ) as stream:
                 reg = WorkerMessage()
                 r = reg.register

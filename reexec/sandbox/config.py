@@ -5,16 +5,28 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from reexec.configtypes import ByteSize, ConfigStruct
 
 
 class SandboxConfig(ConfigStruct):
+    confinement: Literal["host", "input_root", "off"] = "host"
+    """How actions are confined (bubblewrap: own mount, PID, IPC, UTS, network and user
+    namespaces, never host root). `host`: the host read-only, only the exec root and a private
+    /tmp writable (Bazel). `input_root`: the input root is `/` (BuildStream). `off`: actions
+    run on the host as the worker's user (or `run_as`); the worker refuses to start confined
+    where the kernel allows no namespaces, and says why."""
+    input_root_ro_binds: list[str] = msgspec.field(default_factory=list)
+    """`input_root` mode: host paths bound read-only inside, as "SRC" or "SRC:DEST"."""
     run_as: str | None = None
-    """Run actions as this user (name or uid); the worker itself runs as root then."""
+    """Run actions as this user (name or uid); the worker itself runs as root then. Confined
+    actions run bwrap as this user (default: nobody when the worker is root)."""
     network: bool = False
-    """A private network namespace (loopback only) for every action."""
+    """A private network namespace (loopback only) for every action. Confined actions always
+    get one unless they ask for `network=on`; true refuses them that."""
     pid: bool = False
     """A private PID namespace for every action."""
     private_tmp: bool = False
@@ -56,6 +68,8 @@ class WorkerConfig(ConfigStruct):
     """Run before accepting each action; a non-zero exit declines it (offered elsewhere)."""
     tls_ca: str | None = None
     """CA bundle to verify a grpcs:// scheduler."""
+    token_file: str | None = None
+    """A file holding the scheduler's worker token (its `scheduler.worker_token_file`)."""
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
 
 

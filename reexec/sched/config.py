@@ -85,6 +85,10 @@ class SchedulerConfig(ConfigStruct):
     """Timeout of actions that set none (capped by max_action_timeout_s)."""
     property_modifier: list[PropertyModifierConfig] = msgspec.field(default_factory=list)
     """Rewrites of every action's platform properties, applied in order before queueing."""
+    worker_token_file: str | None = None
+    """A file holding the secret a worker must present to register (its `worker.token_file`).
+    Unset: `reexecd serve` makes a random one for its local worker, so no client can register
+    as a worker; `reexecd scheduler` accepts any worker and warns about it at start."""
 
     def settings(self) -> SchedulerSettings:
         """The settings the scheduler core runs with."""

@@ -8,6 +8,7 @@ the dispatcher.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 
@@ -18,17 +19,20 @@ from reexec import fastpb
 from reexec.cas.action_cache import ActionKey
 from reexec.cas.digest import make_digest
 from reexec.cas.store import BlobNotFound, Store
-from reexec.errors import FailedPrecondition, InvalidArgument, Unavailable, Violation
+from reexec.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+    Violation,
+)
 from reexec.rpc import Cardinality, Service, Stream, aio, streaming
 from reexec.sched.scheduler import Scheduler, action_key_of
 from reexec.sched.state import Operation, Outcome, Stage
 from reexec.sched.workers import WorkerState
+from reexec.worker_protocol import WORKER_TOKEN_HEADER, SchedulerMessage, WorkerMessage
 
 log = logging.getLogger(__name__)
-
-_m = fastpb.message_class
-WorkerMessage = _m("reexec.worker.v1.WorkerMessage")
-SchedulerMessage = _m("reexec.worker.v1.SchedulerMessage")
 
 
 def _outcome_of(finished: fastpb.Message, worker_id: str) -> tuple[Outcome, int | None]:
@@ -57,9 +61,12 @@ def _outcome_of(finished: fastpb.Message, worker_id: str) -> tuple[Outcome, int 
 class WorkerService(Service):
     SERVICE = "reexec.worker.v1.WorkerApi"
 
-    def __init__(self, scheduler: Scheduler, cas: Store) -> None:
+    def __init__(self, scheduler: Scheduler, cas: Store, *, token: str | None = None) -> None:
         self.scheduler = scheduler
         self.cas = cas
+        # Without it any client could register as a worker: receive other users' actions and
+        # answer them with results of its choosing (which would then enter the action cache).
+        self._token = token.encode() if token is not None else None
 
     def rpcs(self):  # type: ignore[no-untyped-def]
         return {
@@ -72,6 +79,13 @@ class WorkerService(Service):
         """One worker's connection, in its own cancel scope: when the scheduler declares the
         worker lost (keepalive timeout), the scope is cancelled and the stream ends with
         UNAVAILABLE, so the worker reconnects and registers again."""
+        if self._token is not None:
+            presented = (stream.metadata.get(WORKER_TOKEN_HEADER) or "").encode()
+            if not hmac.compare_digest(presented, self._token):
+                raise PermissionDenied(
+                    "WorkerApi.Connect: a worker must present the scheduler's worker token "
+                    f"({WORKER_TOKEN_HEADER}; scheduler.worker_token_file / worker.token_file)"
+                )
         first = await aio(stream.recv_message)
         if first is None or first.WhichOneof("kind") != "register":
             raise InvalidArgument("the first message on WorkerApi.Connect must be Register")
