@@ -27,7 +27,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -108,6 +108,9 @@ class Scheduler:
         self._wake = trio.Event()
         self._unwatched: dict[str, float] = {}
         self._retained: deque[tuple[float, str]] = deque()
+        # Called with (old, new) after every applied transition, on the Trio thread; must not
+        # block or raise (e.g. the status endpoint's journal of recent operations).
+        self.observers: list[Callable[[Operation, Operation], None]] = []
         # New operations whose cache check `run` starts (unbounded: one entry per submit,
         # consumed at once; submit is synchronous and must not block).
         self._cache_checks_in, self._cache_checks_out = trio.open_memory_channel[Operation](
@@ -145,6 +148,8 @@ class Scheduler:
         self._track_watchers(old, new)
         self._record_metrics(old, new)
         log_change(old, new)
+        for observe in self.observers:
+            observe(old, new)
         return new
 
     # -- what follows one record change (each step reads old and new, nothing else) -------------
