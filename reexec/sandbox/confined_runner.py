@@ -26,11 +26,12 @@ import stat
 import subprocess
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import trio
 
 from reexec.sandbox.confine import ConfineMode, ConfineSpec, bwrap_argv
-from reexec.sandbox.confine_setup import HostUser
+from reexec.sandbox.confine_setup import HostUser, as_user, make_searchable
 from reexec.sandbox.ns_watch import NamespaceWatch
 from reexec.sandbox.runner import RunRequest, RunResult, SandboxUnavailable
 
@@ -60,6 +61,8 @@ async def run_confined(
     watch = NamespaceWatch()
     fds: list[int] = []
     try:
+        if user is not None:
+            await trio.to_thread.run_sync(_reachable, spec)
         fds = await trio.to_thread.run_sync(_open_outputs, request)
         started_at = time.time()
         if spec.mode is ConfineMode.HOST:
@@ -68,10 +71,13 @@ async def run_confined(
                 await trio.to_thread.run_sync(_write, fds[-1], error[1])
                 code = 127 if error[0] in (errno.ENOENT, errno.ENOTDIR) else 126
                 return RunResult(code, False, started_at, time.time(), error=error[1])
-        argv = bwrap_argv(bwrap, replace(spec, status_fd=watch.write_fd), request.argv, request.env)
-        options: dict[str, object] = {}
-        if user is not None:
-            options = {"user": user.uid, "group": user.gid, "extra_groups": []}
+        try:
+            argv = as_user(user)
+        except FileNotFoundError as e:
+            raise SandboxUnavailable(str(e)) from None
+        argv += bwrap_argv(
+            bwrap, replace(spec, status_fd=watch.write_fd), request.argv, request.env
+        )
         with trio.CancelScope(shield=True):  # a process once started must be supervised
             try:
                 proc = await trio.lowlevel.open_process(
@@ -83,7 +89,6 @@ async def run_confined(
                     cwd="/",
                     start_new_session=True,
                     pass_fds=(watch.write_fd,),
-                    **options,  # type: ignore[arg-type]
                 )
             except OSError as e:
                 raise SandboxUnavailable(f"bwrap could not be started: {e}") from None
@@ -155,6 +160,17 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def _reachable(spec: ConfineSpec) -> None:
+    """bwrap, running as `user`, resolves the exec root on the host: its ancestors must be
+    searchable by others. Checked per action (a few stats) as well as at start-up, because
+    something else may tighten a shared parent meanwhile (pytest resets /tmp/pytest-of-USER to
+    0700 whenever a session starts)."""
+    try:
+        make_searchable(Path(spec.exec_root).parent)
+    except PermissionError as e:
+        raise SandboxUnavailable(str(e)) from None
 
 
 def _open_outputs(request: RunRequest) -> list[int]:

@@ -37,7 +37,10 @@ from reexec import fastpb
 from reexec.cas.digest import Digest, DigestFunction, make_digest
 from reexec.cas.store import BlobNotFound
 from reexec.errors import InvalidArgument, ReexecError, Unavailable, missing_blobs_error
+from reexec.sandbox.action_confinement import Confinement
 from reexec.sandbox.cas_access import CasAccess
+from reexec.sandbox.confine import ConfineSpec
+from reexec.sandbox.confined_runner import run_confined
 from reexec.sandbox.input_root import build_input_root_sync
 from reexec.sandbox.local_cas import LocalCas
 from reexec.sandbox.materialize import (
@@ -85,6 +88,8 @@ class ExecutorSettings:
     allow_absolute_symlinks: bool = False
     run_as: str | None = None
     namespaces: NamespaceOptions = field(default_factory=NamespaceOptions)
+    confinement: Confinement | None = None
+    """bubblewrap confinement (supersedes `namespaces`); None: actions run unconfined."""
     kill_grace_s: float = 5.0
     upload_timeout_s: float = 600.0
     max_output_bytes: int = 0
@@ -260,8 +265,9 @@ class ActionExecutor:
                 namespaces=self._namespaces(action, command),
                 tmp_dir=base / "tmp",
             )
+            spec = self._confine_spec(action, command, exec_root, cwd, base)
             try:
-                run = await self._run_watched(request)
+                run = await self._run_watched(request, spec)
             except ValueError as e:  # the request checked above: run_as unknown here, etc.
                 raise _Retryable(f"worker {self.settings.worker_id}: {e}") from None
             except SandboxUnavailable as e:
@@ -313,12 +319,33 @@ class ActionExecutor:
         elif run.error:
             finished.message = run.error
 
-    async def _run_watched(self, request: RunRequest) -> RunResult:
-        """`run_command`, killed as soon as stdout or stderr grows past `max_stdio_bytes`, so a
-        runaway log cannot fill the worker's disk before the limit is checked at the end."""
+    async def _run_command(self, request: RunRequest, spec: ConfineSpec | None) -> RunResult:
+        confinement = self.settings.confinement
+        if spec is None or confinement is None:
+            return await run_command(request)
+        return await run_confined(request, spec, bwrap=confinement.bwrap, user=confinement.user)
+
+    def _confine_spec(
+        self,
+        action: fastpb.Message,
+        command: fastpb.Message,
+        exec_root: Path,
+        cwd: Path,
+        base: Path,
+    ) -> ConfineSpec | None:
+        if self.settings.confinement is None:
+            return None
+        platform = action.platform if action.HasField("platform") else command.platform
+        props = {p.name: p.value for p in platform.properties}
+        return self.settings.confinement.spec(props, exec_root, cwd, base / "tmp")
+
+    async def _run_watched(self, request: RunRequest, spec: ConfineSpec | None = None) -> RunResult:
+        """`run_command` (or `run_confined`), killed as soon as stdout or stderr grows past
+        `max_stdio_bytes`, so a runaway log cannot fill the worker's disk before the limit is
+        checked at the end."""
         limit = self.settings.max_stdio_bytes
         if not limit:
-            return await run_command(request)
+            return await self._run_command(request, spec)
         over: list[str] = []
         logs = (request.stdout_path, request.stderr_path)
 
@@ -341,7 +368,7 @@ class ActionExecutor:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as run_scope:
                 nursery.start_soon(watch, run_scope)
-                run = await run_command(request)
+                run = await self._run_command(request, spec)
             nursery.cancel_scope.cancel()
         if over:
             raise OutputTooLarge(over[0])
