@@ -168,7 +168,7 @@ async def test_wide_tree_is_sized_in_a_thread(monkeypatch):
     leaves = []
     for i in range(600):
         d = fastpb.Directory()
-        d.symlinks.add(name="s", target=str(i))
+        d.symlinks.add(name="s", target=f"{i}/" + "t" * 200)  # ~128 KiB of Directory messages
         leaves.append(d.SerializeToString(deterministic=True))
     root = fastpb.Directory()
     for i, raw in enumerate(leaves):
@@ -234,8 +234,9 @@ async def test_get_tree_bounds_distinct_directories(env, monkeypatch):
 async def test_get_tree_parses_wide_levels_in_a_thread(env, monkeypatch):
     _, channel = env
     leaves = [
-        bytes(re.Directory(symlinks=[re.SymlinkNode(name="s", target=str(i))])) for i in range(300)
-    ]
+        bytes(re.Directory(symlinks=[re.SymlinkNode(name="s", target=f"{i}/" + "t" * 300)]))
+        for i in range(300)
+    ]  # ~90 KiB of Directory messages in one level
     root = fastpb.Directory()
     for i, raw in enumerate(leaves):
         _node(root, "directories", f"d{i:03}", raw)

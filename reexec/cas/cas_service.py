@@ -41,8 +41,9 @@ BATCH_CONCURRENCY = 16
 FIND_MISSING_CHUNK = 4096
 # GetTree pages are cut at this many bytes of Directory messages when the client sets no size.
 DEFAULT_TREE_PAGE_BYTES = 1 << 20
-# GetTree parses a level of the tree with more directories than this in a worker thread.
-THREAD_THRESHOLD = 256
+# GetTree parses a level of the tree with more than this many bytes of Directory messages in a
+# worker thread (the work grows with the entries, which the bytes bound).
+THREAD_BYTES = 64 << 10
 # Loops over a tree level on the event loop give other tasks a turn this often.
 CHECKPOINT_EVERY = 4096
 
@@ -220,7 +221,7 @@ class CasService(Service):
 
         A subtree named by many parents is sent once, so a DAG that expands exponentially costs
         only its distinct directories; those are bounded by MAX_TREE_ENTRIES (a tree with more
-        could never be an input root). Levels larger than THREAD_THRESHOLD are parsed in a
+        could never be an input root). Levels larger than THREAD_BYTES are parsed in a
         worker thread, so the event loop does no work that grows with the tree.
         """
         seen = {root}
@@ -228,7 +229,7 @@ class CasService(Service):
         function = int(root.function)
         while level:
             raws = await self._read_level(level)
-            if len(raws) > THREAD_THRESHOLD:
+            if sum(map(len, raws.values())) > THREAD_BYTES:
                 children = await trio.to_thread.run_sync(_level_children, raws, function)
             else:
                 children = _level_children(raws, function)

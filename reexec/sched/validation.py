@@ -37,14 +37,16 @@ from reexec.rpc import check_instance
 from reexec.sched.matching import queue_key
 from reexec.sched.scheduler import ActionSpec, SchedulerSettings
 
-# Levels of the input tree with more new directories than this are parsed, and trees with more
-# than this many new directories sized, in a worker thread: the event loop never does work that
-# grows with the tree.
-THREAD_THRESHOLD = 256
+# A level of the input tree with more than this many bytes of new Directory messages is parsed,
+# and a tree with more than this many bytes of new directories sized, in a worker thread: the
+# event loop never does work that grows with the tree. Work grows with the entries, which the
+# bytes bound (a DirectoryNode takes ~80 of them): 64 KiB is a few milliseconds of parsing.
+THREAD_BYTES = 64 << 10
 # Directory reads in flight at once while loading one input tree.
 READ_CONCURRENCY = 16
-# The loop over a level's subdirectories gives other tasks a turn this often.
-CHECKPOINT_EVERY = 4096
+# Loops over a level's subdirectories, and over new sizes entering the cache, give other tasks
+# a turn this often (~5 ms of work).
+CHECKPOINT_EVERY = 512
 
 
 async def _read(cas: Store, digest: Digest) -> bytes | None:
@@ -138,6 +140,7 @@ async def input_tree_size(
     directories: dict[Digest, fastpb.Message] = {}
     known: dict[Digest, TreeSize] = {}
     missing: list[Digest] = []
+    loaded_bytes = 0
     level = [root]
     while level:
         if len(directories) + len(level) > max_entries + 1:
@@ -146,7 +149,9 @@ async def input_tree_size(
         raws = await _read_many(cas, level)
         present = {d: raw for d, raw in raws.items() if raw is not None}
         missing.extend(d for d, raw in raws.items() if raw is None)
-        if len(present) > THREAD_THRESHOLD:
+        level_bytes = sum(map(len, present.values()))
+        loaded_bytes += level_bytes
+        if level_bytes > THREAD_BYTES:
             parsed = await trio.to_thread.run_sync(_parse_level, present, fn)
         else:
             parsed = _parse_level(present, fn)
@@ -172,21 +177,28 @@ async def input_tree_size(
             f"the input tree under {root.blob_path}", [d.blob_path for d in missing]
         )
 
+    function = root.function
+
     def size_all() -> dict[Digest, TreeSize]:
         return subtree_sizes(
             root,
             directories,
-            lambda node: make_digest(node.digest.hash, node.digest.size_bytes, fn),
+            # Every child digest was validated by _parse_level: no need to check it again.
+            lambda node: Digest(node.digest.hash, node.digest.size_bytes, function),
             known=known,
             max_entries=max_entries,
             max_depth=max_depth,
         )
 
-    if len(directories) > THREAD_THRESHOLD:
+    if loaded_bytes > THREAD_BYTES:
         sizes = await trio.to_thread.run_sync(size_all)
     else:
         sizes = size_all()
-    cache.update(sizes.items())
+    items = list(sizes.items())
+    for start in range(0, len(items), CHECKPOINT_EVERY):
+        if start:
+            await trio.lowlevel.checkpoint()
+        cache.update(items[start : start + CHECKPOINT_EVERY])
     return sizes[root]
 
 
