@@ -52,3 +52,28 @@ async def test_empty():
         raise AssertionError
 
     await for_each([], one, 3)
+
+
+async def test_gives_other_tasks_a_turn_even_if_fn_never_suspends():
+    from reexec.cas.pool import CHECKPOINT_EVERY
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    async def one(i: int, item: int) -> None:
+        pass  # like a store reading a small blob inline: no suspension point
+
+    n = 100 * CHECKPOINT_EVERY
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        before = ticks
+        await for_each(range(n), one, 16)
+        during = ticks - before
+        nursery.cancel_scope.cancel()
+    assert during >= 50  # ~one turn per CHECKPOINT_EVERY items
