@@ -9,7 +9,9 @@ import trio
 
 T = TypeVar("T")
 
-CHECKPOINT_EVERY = 32
+# Each worker gives other tasks a turn after this many items. Trio runs every runnable worker
+# once per scheduling round, so a round holds up to `concurrency` x this many items (16 x 8).
+CHECKPOINT_EVERY = 8
 
 
 async def for_each(
@@ -22,8 +24,9 @@ async def for_each(
     as itself (not wrapped in an ExceptionGroup), so callers and the gRPC edge can map a
     ReexecError or OSError to its status.
 
-    Every CHECKPOINT_EVERY items give other tasks a turn: `fn` may never really suspend (a
-    store reads small blobs inline), and 20,000 such reads would hold the event loop ~0.4 s.
+    Each worker gives other tasks a turn every CHECKPOINT_EVERY items: `fn` may never really
+    suspend (a store reads small blobs inline), and 20,000 such reads would hold the event loop
+    ~0.4 s.
     """
     pending = iter(enumerate(items))
     failures: list[Exception] = []
@@ -32,10 +35,12 @@ async def for_each(
 
         async def worker() -> None:
             try:
+                done = 0
                 for i, item in pending:
-                    if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
-                        await trio.lowlevel.checkpoint()
                     await fn(i, item)
+                    done += 1
+                    if done % CHECKPOINT_EVERY == 0:
+                        await trio.lowlevel.checkpoint()
             except Exception as e:
                 failures.append(e)
                 nursery.cancel_scope.cancel()
