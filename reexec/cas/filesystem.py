@@ -14,6 +14,7 @@ one huge blob nor many partial uploads can push everything else out.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -275,9 +276,15 @@ class FilesystemStore(Store):
     def _write_whole(self, digest: Digest, data: bytes) -> None:
         fd, tmp = self._create_temp()
         try:
-            with os.fdopen(fd, "wb", buffering=0) as f:
-                f.write(data)
-                self._finish_file(f.fileno())
+            try:
+                # A raw write may be short (a nearly full disk): write until all is written,
+                # so the next write raises ENOSPC instead of installing a truncated blob.
+                _write_all(fd, data)
+                if os.fstat(fd).st_size != digest.size:
+                    raise OSError(errno.EIO, f"{digest.blob_path}: wrote a short file")
+                self._finish_file(fd)
+            finally:
+                os.close(fd)
             self._install(tmp, digest)
         except BaseException:
             _remove_quietly(tmp)
@@ -476,7 +483,7 @@ class _FileWriter:
                 )
 
 
-def _write_all(fd: int, data: bytearray) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)

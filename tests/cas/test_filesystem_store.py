@@ -332,3 +332,33 @@ async def test_small_blobs_are_read_and_written_without_a_thread_hop(
     assert await store.find_missing([ds]) == [ds]
     assert store.stats()["forgotten"] == 1
     assert len(hops) == 2
+
+
+async def test_a_short_write_never_installs_a_truncated_blob(tmp_path, monkeypatch):
+    """A nearly full disk makes write(2) short before it fails with ENOSPC."""
+    import errno as _errno
+
+    from reexec.cas import filesystem
+
+    store = FilesystemStore(tmp_path / "cas", 1 << 30)
+    await store.start()
+    real_write = os.write
+    calls = {"n": 0}
+
+    def short_then_full(fd: int, data) -> int:  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(_errno.ENOSPC, "No space left on device")
+
+    data = b"x" * 8192
+    digest = digest_of(data)
+    monkeypatch.setattr(filesystem.os, "write", short_then_full)
+    with pytest.raises(OSError) as e:
+        await store.put_bytes(digest, data)
+    assert e.value.errno == _errno.ENOSPC
+    monkeypatch.setattr(filesystem.os, "write", real_write)
+    assert await store.find_missing([digest]) == [digest]
+    assert not store.blob_path(digest).exists()
+    await store.put_bytes(digest, data)  # space is back
+    assert await store.get_bytes(digest) == data
