@@ -182,15 +182,19 @@ class GrpcAccess(CasAccess):
             return await unary(self.channel, path, request, response_type, metadata=self.metadata)
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
-        if not digests:
-            return []
         by_key = {(d.hash, d.size): d for d in digests}
-        req = fastpb.FindMissingBlobsRequest(instance_name=self.instance)
-        req.digest_function = int(digests[0].function)
-        for d in digests:
-            req.blob_digests.add(hash=d.hash, size_bytes=d.size)
-        resp = await self._unary("FindMissingBlobs", req, fastpb.FindMissingBlobsResponse)
-        return [by_key[(m.hash, m.size_bytes)] for m in resp.missing_blob_digests]
+        missing: list[Digest] = []
+        # In requests of FIND_MISSING_CHUNK digests: one request for a 200,000-file input tree
+        # would pass the server's message size limit (about 8 MiB, ~75 bytes per digest).
+        for start in range(0, len(digests), FIND_MISSING_CHUNK):
+            chunk = digests[start : start + FIND_MISSING_CHUNK]
+            req = fastpb.FindMissingBlobsRequest(instance_name=self.instance)
+            req.digest_function = int(chunk[0].function)
+            for d in chunk:
+                req.blob_digests.add(hash=d.hash, size_bytes=d.size)
+            resp = await self._unary("FindMissingBlobs", req, fastpb.FindMissingBlobsResponse)
+            missing += [by_key[(m.hash, m.size_bytes)] for m in resp.missing_blob_digests]
+        return missing
 
     async def read_small(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         out: dict[Digest, bytes] = {}
@@ -361,6 +365,9 @@ def _verify(digest: Digest, data: bytes) -> None:
     h.update(data)
     if len(data) != digest.size or h.hexdigest() != digest.hash:
         raise InvalidArgument(f"{digest.blob_path}: the data read does not match the digest")
+
+
+FIND_MISSING_CHUNK = 10_000
 
 
 def _batches(items: Sequence[Digest], size_of) -> list[list[Digest]]:  # type: ignore[no-untyped-def]

@@ -115,3 +115,23 @@ async def test_grpc_failures_become_reexec_errors(
         monkeypatch.setattr(cas_access, "unary", fake)
         with pytest.raises(error):
             await access.find_missing([d])
+
+
+async def test_find_missing_is_sent_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large input tree must not become one request over the server's message limit."""
+    from reexec import fastpb
+
+    sizes: list[int] = []
+
+    async def fake_unary(channel, path, req, response_type, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(len(req.blob_digests))
+        resp = fastpb.FindMissingBlobsResponse()
+        for d in req.blob_digests[::2]:  # every other one is missing
+            resp.missing_blob_digests.add(hash=d.hash, size_bytes=d.size_bytes)
+        return resp
+
+    monkeypatch.setattr(cas_access, "unary", fake_unary)
+    digests = [digest_of(str(i).encode()) for i in range(25_000)]
+    missing = await GrpcAccess(channel=None).find_missing(digests)  # type: ignore[arg-type]
+    assert sizes == [10_000, 10_000, 5_000]
+    assert len(missing) == 12_500 and missing[0] == digests[0] and missing[-1] == digests[-2]
