@@ -243,12 +243,6 @@ class ByteStreamService(Service):
         if data is not None:
             await stream.send_message(fastpb.ReadResponse(data=data))
 
-    async def read(self, stream: Stream) -> None:
-        request = await aio(stream.recv_message)
-        data = await self._read(stream, request)
-        if data is not None:
-            await aio(stream.send_message, fastpb.ReadResponse(data=data))
-
     async def _read(self, stream: Stream, request: Any) -> bytes | None:
         """Serve a Read: returns the whole blob when it fits in one response (the caller sends
         it), else streams the responses itself and returns None."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import trio
 
@@ -27,10 +28,20 @@ RESEND_INTERVAL_S = 30.0
 class ExecutionService(Service):
     SERVICE = "build.bazel.remote.execution.v2.Execution"
 
-    def __init__(self, scheduler: Scheduler, cas: Store, *, instances: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        cas: Store,
+        *,
+        instances: Sequence[str] = (),
+        message_suffix: Callable[[Operation], str] | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.cas = cas
         self.instances = tuple(instances)
+        # Text appended to a completed operation's message (the web UI's link to a failed
+        # action's page, which Bazel prints).
+        self.message_suffix = message_suffix
         # Expanded sizes of input trees by Directory digest, kept across Executes.
         self.tree_sizes = SizeCache()
 
@@ -49,12 +60,12 @@ class ExecutionService(Service):
 
     async def execute(self, stream: Stream) -> None:
         request = await aio(stream.recv_message)
-        spec, _, _ = await validate_execute(
+        spec = await validate_execute(
             request, self.cas, self.scheduler.settings, self.instances, self.tree_sizes
         )
         op, _ = self.scheduler.submit(spec)  # a new operation's cache check starts there
         try:
-            await stream_operation(self.scheduler, stream, op)
+            await stream_operation(self.scheduler, stream, op, self.message_suffix)
         finally:
             self.scheduler.detach(op.name)
 
@@ -64,17 +75,22 @@ class ExecutionService(Service):
         if op is None:
             raise NotFound(f"operation {request.name!r} is unknown or expired")
         try:
-            await stream_operation(self.scheduler, stream, op)
+            await stream_operation(self.scheduler, stream, op, self.message_suffix)
         finally:
             self.scheduler.detach(op.name)
 
 
-async def stream_operation(scheduler: Scheduler, stream: Stream, op: Operation) -> None:
+async def stream_operation(
+    scheduler: Scheduler,
+    stream: Stream,
+    op: Operation,
+    message_suffix: Callable[[Operation], str] | None = None,
+) -> None:
     """Send the operation at every stage change until it completes."""
     sent_stage: Stage | None = None
     while True:
         if op.stage is not sent_stage:
-            await aio(stream.send_message, operation_message(op))
+            await aio(stream.send_message, operation_message(_with_suffix(op, message_suffix)))
             sent_stage = op.stage
         if op.done:
             return
@@ -86,6 +102,13 @@ async def stream_operation(scheduler: Scheduler, stream: Stream, op: Operation) 
         if changed is None:
             raise NotFound(f"operation {op.name} disappeared")
         op = changed
+
+
+def _with_suffix(op: Operation, suffix: Callable[[Operation], str] | None) -> Operation:
+    if suffix is None or op.outcome is None or not (text := suffix(op)):
+        return op
+    message = f"{op.outcome.message}\n{text}" if op.outcome.message else text
+    return replace(op, outcome=replace(op.outcome, message=message))
 
 
 class OperationsService(Service):

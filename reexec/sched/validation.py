@@ -208,9 +208,11 @@ async def validate_execute(
     settings: SchedulerSettings,
     instances: Sequence[str],
     tree_sizes: SizeCache | None = None,
-) -> tuple[ActionSpec, fastpb.Message, fastpb.Message]:
-    """The ActionSpec for `request`, plus its parsed Action and Command.
+) -> ActionSpec:
+    """The ActionSpec for `request`: everything the scheduler keeps about the action.
 
+    Operations hold digests, not blobs, so records stay small; the worker connection reads the
+    Action and Command again when it starts the action (`WorkerService._start_message`).
     `tree_sizes` carries input tree sizes across calls (a fresh cache if None)."""
     check_instance(instances, request.instance_name)
     d = request.action_digest
@@ -263,4 +265,4 @@ async def validate_execute(
         skip_cache_lookup=request.skip_cache_lookup,
         timeout_s=timeout_s,
     )
-    return spec, action, command
+    return spec
