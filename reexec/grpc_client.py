@@ -11,6 +11,8 @@ import trio_asyncio
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
 
+STREAM_CLOSE_TIMEOUT_S = 10.0
+
 
 def aio(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Await an asyncio coroutine function from Trio."""
@@ -40,7 +42,9 @@ async def open_stream(
         failure = e
         raise
     finally:
-        with trio.CancelScope(shield=True):
+        # Closing (or resetting) the stream is a few frames; bounded, so a peer that stopped
+        # reading cannot hold a cancelled caller forever.
+        with trio.move_on_after(STREAM_CLOSE_TIMEOUT_S, shield=True):
             await trio_asyncio.aio_as_trio(cm.__aexit__)(
                 type(failure) if failure else None, failure, None
             )

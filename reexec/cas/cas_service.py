@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import aclosing
 
 import trio
 import zstandard
@@ -173,8 +174,11 @@ class CasService(Service):
 
     async def get_tree(self, stream: Stream) -> None:
         request = await aio(stream.recv_message)
-        async for response in self.tree_pages(request):
-            await aio(stream.send_message, response)
+        # aclosing: a client that leaves mid-tree closes the generators here and now, not
+        # whenever the garbage collector gets to them (outside any cancel scope).
+        async with aclosing(self.tree_pages(request)) as pages:
+            async for response in pages:
+                await aio(stream.send_message, response)
 
     async def tree_pages(self, request: fastpb.Message):  # type: ignore[no-untyped-def]
         """GetTreeResponse pages of the tree's Directory messages in breadth-first order.
@@ -197,23 +201,24 @@ class CasService(Service):
         page = fastpb.GetTreeResponse()
         page_bytes = 0
         index = 0
-        async for raw in self._walk(root):
-            if index < offset:
+        async with aclosing(self._walk(root)) as walk:
+            async for raw in walk:
+                if index < offset:
+                    index += 1
+                    continue
+                # REAPI lets the server cut pages shorter than page_size: a page never passes
+                # DEFAULT_TREE_PAGE_BYTES, whatever page_size asks (2^31 would be one huge message).
+                full = (request.page_size and len(page.directories) >= request.page_size) or (
+                    page_bytes + len(raw) > DEFAULT_TREE_PAGE_BYTES and page_bytes
+                )
+                if full:
+                    page.next_page_token = str(index)
+                    yield page
+                    page = fastpb.GetTreeResponse()
+                    page_bytes = 0
+                page.directories.add().MergeFromString(raw)
+                page_bytes += len(raw)
                 index += 1
-                continue
-            # REAPI lets the server cut pages shorter than page_size: a page never passes
-            # DEFAULT_TREE_PAGE_BYTES, whatever page_size asks (2^31 would be one huge message).
-            full = (request.page_size and len(page.directories) >= request.page_size) or (
-                page_bytes + len(raw) > DEFAULT_TREE_PAGE_BYTES and page_bytes
-            )
-            if full:
-                page.next_page_token = str(index)
-                yield page
-                page = fastpb.GetTreeResponse()
-                page_bytes = 0
-            page.directories.add().MergeFromString(raw)
-            page_bytes += len(raw)
-            index += 1
         yield page
 
     async def _walk(self, root: Digest):  # type: ignore[no-untyped-def]
