@@ -5,6 +5,8 @@ Runs `/bin/true` N times (default 200) sequentially, interleaving the variants i
 that a burst of other load hits all of them alike:
 
   subprocess.run       fork+exec+wait, output to /dev/null: the floor
+  subprocess.run of the bwrap argv (host mode), with and without a network namespace: what
+                       bubblewrap itself costs, the floor of any confinement with it
   run_command          the unconfined runner (Popen through Trio, outputs to files, pidfd)
   run_confined host    bwrap as `nobody` (when root): user+mount+pid+ipc+uts+net+cgroup
                        namespaces, read-only host, private /tmp, /dev, /proc; waits for the
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio
 
 from bench._common import machine_busy_seconds, machine_facts
-from reexec.sandbox.confine import ConfineMode, ConfineSpec
+from reexec.sandbox.confine import ConfineMode, ConfineSpec, bwrap_argv
 from reexec.sandbox.confine_setup import (
+    as_user,
     confinement_problem,
     find_bwrap,
     host_user,
@@ -87,6 +91,17 @@ def main() -> None:
         input_spec = ConfineSpec(ConfineMode.INPUT_ROOT, str(sysroot), str(sysroot))
         input_req = request(sysroot, ["/bin/true"])
 
+        def bwrap_cmd(network: bool) -> list[str]:
+            spec = replace(host_spec, network=network)
+            return as_user(user) + bwrap_argv(bwrap, spec, [TRUE], {"PATH": "/usr/bin:/bin"})
+
+        bwrap_private, bwrap_shared = bwrap_cmd(False), bwrap_cmd(True)
+
+        def bwrap_floor(argv: list[str]) -> None:
+            subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True, env={}
+            )
+
         def floor() -> None:
             subprocess.run(
                 [TRUE], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True, env={}
@@ -103,7 +118,14 @@ def main() -> None:
             r = await run_confined(input_req, input_spec, bwrap=bwrap, user=user)
             assert r.exit_code == 0, (base / "stderr").read_text()
 
-        totals = {"subprocess.run": 0.0, "run_command": 0.0, "host": 0.0, "input_root": 0.0}
+        totals = {
+            "subprocess.run": 0.0,
+            "run_command": 0.0,
+            "bwrap": 0.0,
+            "bwrap_net": 0.0,
+            "host": 0.0,
+            "input_root": 0.0,
+        }
 
         async def measure() -> tuple[float, float]:
             await plain()
@@ -117,6 +139,11 @@ def main() -> None:
                 for _ in range(k):
                     floor()
                 totals["subprocess.run"] += time.perf_counter() - t0
+                for name, argv in (("bwrap", bwrap_private), ("bwrap_net", bwrap_shared)):
+                    t0 = time.perf_counter()
+                    for _ in range(k):
+                        bwrap_floor(argv)
+                    totals[name] += time.perf_counter() - t0
                 for name, fn in (
                     ("run_command", plain),
                     ("host", host),
@@ -144,13 +171,15 @@ def main() -> None:
     labels = {
         "subprocess.run": "subprocess.run (floor)",
         "run_command": "run_command, unconfined",
+        "bwrap": "subprocess.run of the bwrap argv",
+        "bwrap_net": "  the same, --share-net",
         "host": "run_confined, host mode",
         "input_root": "run_confined, input_root mode",
     }
     for name, label in labels.items():
         mean = totals[name] / args.n
         extra = f"   x{mean / base_s:5.2f}   +{(mean - base_s) * 1e3:6.2f} ms over the floor"
-        print(f"  {label:32s} {mean * 1e3:7.2f} ms{extra}")
+        print(f"  {label:36s} {mean * 1e3:7.2f} ms{extra}")
 
 
 def _self_cpu() -> float:
