@@ -14,26 +14,24 @@ from __future__ import annotations
 import abc
 import logging
 import os
-import socket
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import trio
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
-from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.exceptions import GRPCError
 
 from reexec import fastpb
 from reexec.cas.digest import Digest, is_empty, new_hasher
+from reexec.cas.remote_errors import UNREACHABLE, from_status, remote_errors
 from reexec.cas.resource import ResourceName
 from reexec.cas.store import READ_CHUNK, BlobNotFound, Store
 from reexec.errors import (
     Internal,
     InvalidArgument,
-    ReexecError,
-    ResourceExhausted,
     Unavailable,
 )
 from reexec.grpc_client import aio, open_stream, unary
@@ -178,7 +176,7 @@ class GrpcAccess(CasAccess):
         self, method: str, request: fastpb.Message, response_type: type
     ) -> fastpb.Message:
         path = f"/build.bazel.remote.execution.v2.ContentAddressableStorage/{method}"
-        with _cas_errors(method):
+        with remote_errors(method):
             return await unary(self.channel, path, request, response_type, metadata=self.metadata)
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
@@ -210,7 +208,7 @@ class GrpcAccess(CasAccess):
                 if r.status.code == Status.NOT_FOUND.value:
                     raise BlobNotFound(d)
                 if r.status.code:
-                    raise _from_status(
+                    raise from_status(
                         r.status.code, f"BatchReadBlobs of {d.blob_path}: {r.status.message}"
                     )
                 _verify(d, r.data)
@@ -239,8 +237,8 @@ class GrpcAccess(CasAccess):
         except GRPCError as e:
             if e.status is Status.NOT_FOUND:
                 raise BlobNotFound(digest) from None
-            raise _from_status(e.status.value, f"reading {digest.blob_path}: {e.message}") from None
-        except _UNREACHABLE as e:
+            raise from_status(e.status.value, f"reading {digest.blob_path}: {e.message}") from None
+        except UNREACHABLE as e:
             raise Unavailable(f"reading {digest.blob_path} from the CAS: {e}") from None
         finally:
             f.close()
@@ -266,7 +264,7 @@ class GrpcAccess(CasAccess):
             resp = await self._unary("BatchUpdateBlobs", req, fastpb.BatchUpdateBlobsResponse)
             for r in resp.responses:
                 if r.status.code:
-                    raise _from_status(
+                    raise from_status(
                         r.status.code,
                         f"upload of {r.digest.hash}/{r.digest.size_bytes}: {r.status.message}",
                     )
@@ -278,7 +276,7 @@ class GrpcAccess(CasAccess):
         name = ResourceName(self.instance, digest, upload_id=str(uuid.uuid4())).format()
         f = None if isinstance(source, bytes) else await trio.to_thread.run_sync(open, source, "rb")
         try:
-            with _cas_errors(f"ByteStream.Write of {digest.blob_path}"):
+            with remote_errors(f"ByteStream.Write of {digest.blob_path}"):
                 async with open_stream(
                     self.channel,
                     "/google.bytestream.ByteStream/Write",
@@ -326,33 +324,6 @@ def _check_chunk(source: Path | bytes, digest: Digest, offset: int, chunk: bytes
             f"{what} grew past the {digest.size} bytes it had when hashed, while it was "
             f"uploaded as {digest.blob_path}"
         )
-
-
-# What a lost or refused connection raises (not local disk errors, which are OSErrors too).
-_UNREACHABLE = (ConnectionError, StreamTerminatedError, TimeoutError, socket.gaierror)
-
-_STATUS_ERRORS: dict[int, type[ReexecError]] = {
-    Status.UNAVAILABLE.value: Unavailable,
-    Status.RESOURCE_EXHAUSTED.value: ResourceExhausted,
-    Status.INVALID_ARGUMENT.value: InvalidArgument,
-}
-
-
-def _from_status(code: int, message: str) -> ReexecError:
-    """The ReexecError for a status the CAS answered (unknown ones are Internal)."""
-    return _STATUS_ERRORS.get(code, Internal)(message)
-
-
-@contextmanager
-def _cas_errors(what: str) -> Iterator[None]:
-    """gRPC failures as ReexecErrors: the executor tells infrastructure trouble (Unavailable:
-    retry elsewhere) from final errors by class, never by grpclib's exception types."""
-    try:
-        yield
-    except GRPCError as e:
-        raise _from_status(e.status.value, f"{what}: {e.message or e.status.name}") from None
-    except _UNREACHABLE as e:
-        raise Unavailable(f"{what}: the CAS is unreachable: {e}") from None
 
 
 def _hash_and_write(hasher, f, data: bytes) -> None:  # type: ignore[no-untyped-def]
