@@ -104,6 +104,14 @@ def durations(draw: st.DrawFn) -> Any:
     )
 
 
+# Page tokens: str.isdigit() is true for all but the first two odd ones, int() fails on '²'.
+page_tokens = st.one_of(
+    st.just(""),
+    st.sampled_from(["0", "1", "99", "-1", "\u0661", "\u00b2", "9" * 5000, " 1", "1_0", "0x1"]),
+    st.text(max_size=10),
+)
+
+
 # -- resource names ---------------------------------------------------------------------------
 
 

@@ -100,11 +100,7 @@ def get_tree_requests(draw: st.DrawFn, raw: RawClient) -> Any:
         page_size=draw(
             st.one_of(st.integers(0, 3), st.integers(-2, 3), st.sampled_from([-(2**31), 2**31 - 1]))
         ),
-        page_token=draw(
-            st.one_of(
-                st.just(""), st.sampled_from(["0", "1", "99", "-1", "\u0661"]), st.text(max_size=10)
-            )
-        ),
+        page_token=draw(s.page_tokens),
         digest_function=draw(st.one_of(st.just(0), st.just(0), s.digest_functions)),
     )
     req.root_digest.CopyFrom(root)

@@ -208,7 +208,7 @@ def operations_calls(draw: st.DrawFn, raw: RawClient) -> tuple[str, Any]:
             name=draw(s.names),
             filter=draw(st.one_of(st.just(""), st.text(max_size=10))),
             page_size=draw(st.integers(-(2**31), 2**31 - 1)),
-            page_token=draw(st.one_of(st.just(""), st.text(max_size=10))),
+            page_token=draw(s.page_tokens),
         )
         return method, req
     req = _lro(method.replace("Operation", "OperationRequest"))(name=draw(operation_names(raw)))

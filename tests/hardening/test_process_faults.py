@@ -227,24 +227,16 @@ def test_disk_full_refuses_uploads_precisely_and_recovers(nearly_full: dict[str,
     for how in UPLOADS:
         assert s[how][0].code in (grpc.StatusCode.OK, exhausted), (how, s[how][0])
     assert s["alive"]
-    # Space returned: uploads work again; the streamed blob reads back whole (the others: F6).
+    # Space returned: uploads work again and every blob reads back whole.
     for how in UPLOADS:
         assert s[how, "after"][0].ok, (how, s[how, "after"])
-    assert s["streamed Write", "read"]
+        assert s[how, "read"], how
     assert s["small_after"] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 item F6: on a nearly full disk a blob written in one piece (BatchUpdateBlobs, "
-    "or a one-message ByteStream Write) is stored TRUNCATED and reported stored, and stays "
-    "truncated after space returns (re-uploads are no-ops): filesystem.py _write_whole calls "
-    "f.write(data) on an unbuffered FileIO and ignores the short write (write(2) returns the "
-    "bytes that fit instead of failing with ENOSPC), then renames the partial file into "
-    "cas/blobs under the full blob's name",
-)
 @pytest.mark.parametrize("how", ["batch", "single-message Write"])
 def test_disk_full_never_stores_a_partial_blob(nearly_full: dict[str, Any], how: str) -> None:
+    """(Until 8abb2e2 a blob written in one piece was stored truncated and reported stored: F6.)"""
     s = nearly_full
     out, code = s[how]
     assert not _partial(s, how), f"partial blob in cas/blobs after a {how}: {_partial(s, how)}"
