@@ -97,12 +97,20 @@ async def run_confined(
         for fd in set(fds):
             os.close(fd)
         fds = []
+        gone = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch.watch)
-            exit_code, timed_out = await _supervise(proc, request.timeout_s, request.kill_grace_s)
-            with trio.CancelScope(shield=True):
-                gone = await watch.wait_gone(_NAMESPACE_GONE_TIMEOUT_S)
-            nursery.cancel_scope.cancel()
+            try:
+                exit_code, timed_out = await _supervise(
+                    proc, request.timeout_s, request.kill_grace_s
+                )
+            finally:
+                # Also when cancelled: whoever removes the work directory next must not race
+                # a straggler. Bounded; the watch task may be cancelled by then, but once the
+                # PID 1 is known its pidfd is all this needs.
+                with trio.CancelScope(shield=True):
+                    gone = await watch.wait_gone(_NAMESPACE_GONE_TIMEOUT_S)
+                nursery.cancel_scope.cancel()
         if not gone:
             raise SandboxUnavailable(
                 f"the action's PID namespace (PID 1 = host PID {watch.child_pid}) was still "
