@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the test suite needs: Debian's Bazel 4.2.3 (bazel-bootstrap) with its Java
 # rules for the end-to-end tests, openssl for the TLS tests, bubblewrap (bwrap) which confines
-# every action, and busybox-static for the BuildStream end-to-end test's sysroot. Idempotent.
+# every action, busybox-static for the BuildStream end-to-end test's sysroot, and chromium for
+# the web UI's browser tests. Idempotent.
 set -euo pipefail
 
 need=()
@@ -10,6 +11,9 @@ command -v bazel >/dev/null 2>&1 || need+=(bazel-bootstrap)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 [ -x /bin/busybox ] || need+=(busybox-static)
+# Headless Chromium drives the web UI's browser tests (tests/web/); DejaVu gives it a font.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 sudo=""

@@ -42,10 +42,12 @@ from reexec.daemon.config import Config, ConfigError, WorkerConfig, parse_size
 from reexec.daemon.grpc_server import GrpcServer, make_ssl_context
 from reexec.daemon.lifecycle import Lifecycle, changed_keys
 from reexec.daemon.status import StatusSources
+from reexec.daemon.web.links import failure_link
 from reexec.rpc import RpcGate, Servable, Service
 from reexec.sandbox.agent import WorkerAgent
 from reexec.sandbox.cas_access import LocalStoreAccess
 from reexec.sandbox.factory import WorkerSetupError, build_worker
+from reexec.sched.journal import Journal
 from reexec.sched.scheduler import Scheduler
 from reexec.sched.service import ExecutionService, OperationsService
 from reexec.sched.worker_service import WorkerService
@@ -78,7 +80,12 @@ def build_services(
     scheduling: list[Service] = []
     if scheduler is not None:
         scheduling = [
-            ExecutionService(scheduler, cas, instances=s.instances),
+            ExecutionService(
+                scheduler,
+                cas,
+                instances=s.instances,
+                message_suffix=failure_link(config.status.base_url),
+            ),
             OperationsService(scheduler, allow_list=s.allow_list_operations),
             WorkerService(scheduler, cas, token=worker_token),
         ]
@@ -154,6 +161,11 @@ class Daemon:
         config = self.config
         if self.with_scheduler:
             self.scheduler = Scheduler(config.scheduler.settings(), self.ac)
+            # The web UI's memory of recent operations, fed by every transition.
+            self.status.journal = Journal(
+                max_operations=config.status.journal_operations, wall=self.scheduler.wall
+            )
+            self.scheduler.observers.append(self.status.journal.observe)
         worker_token = await self._worker_token()
         self.services = build_services(
             config, self.cas, self.ac, uploads, self.scheduler, worker_token

@@ -102,7 +102,20 @@ class StatusConfig(_Base):
     socket_mode: str = "0660"
     """Octal file mode of the socket (group members may query and drain)."""
     listen: str = ""
-    """Optional host:port serving /metrics, /healthz and /readyz over TCP (never /drain)."""
+    """Optional host:port serving /metrics, /healthz, /readyz and the read-only web UI over TCP
+    (never /drain)."""
+    base_url: str = ""
+    """URL under which people reach the web UI (e.g. "http://build-host:8080"); when set, the
+    ExecuteResponse.message of a failed or timed-out action carries the link to its page."""
+    show_blob_contents: bool = False
+    """Show blob contents in the web UI (Commands' argv and env, stdout/stderr, files). Off by
+    default: they can hold secrets. Digests and sizes are always shown."""
+    max_inline_bytes: int = 65536
+    """Largest stdout/stderr/file shown inline or downloadable from the web UI."""
+    web_drain_buttons: bool = False
+    """Offer worker drain buttons in the web UI on the unix socket (never on TCP)."""
+    journal_operations: int = 10000
+    """Recent operations the web UI remembers (the journal also keeps at most 64 MiB)."""
 
 
 class Config(_Base):

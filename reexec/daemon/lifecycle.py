@@ -150,6 +150,7 @@ class Lifecycle:
 
     async def _start_status_endpoint(self, nursery: trio.Nursery, sources: StatusSources) -> None:
         sc = self.config.status
+        sources.settings = sc
         socket_path = None
         if sc.socket:
             p = Path(sc.socket)

@@ -1,4 +1,5 @@
-"""The status endpoint: /status (JSON), /metrics (Prometheus), /healthz, /readyz, /drain.
+"""The status endpoint: /status (JSON), /metrics (Prometheus), /healthz, /readyz, /drain, and
+the web UI (`reexec/daemon/web/`: /, /operations, /operation/NAME, /action/HASH/SIZE, ...).
 
 An ASGI app served by hypercorn inside the daemon's nursery, on a unix socket (mode 0660 by
 default, so access is governed by file permissions) and optionally on TCP, where only the
@@ -25,6 +26,8 @@ from hypercorn.trio import serve
 from reexec import __version__
 from reexec.cas.action_cache import ActionCache
 from reexec.cas.store import Store
+from reexec.daemon.config import StatusConfig
+from reexec.daemon.web.pages import Response, WebUI
 from reexec.metrics import (
     CAS_BYTES,
     EXECUTION_DURATION,
@@ -55,6 +58,9 @@ class StatusSources:
     drain_self: Callable[[], None] | None = None
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    # Recent operations for the web UI (a reexec.sched.journal.Journal; schedulers only).
+    journal: Any = None
+    settings: StatusConfig = field(default_factory=StatusConfig)
 
 
 def _ac_counts(sources: StatusSources) -> tuple[int, int]:
@@ -329,7 +335,15 @@ _JSON = msgspec.json.Encoder()
 def make_app(sources: StatusSources, *, control: bool) -> Callable[..., Awaitable[None]]:
     """The ASGI app; `control` enables /status and /drain (unix socket only)."""
 
-    async def respond(send: Any, code: int, body: bytes, content_type: str) -> None:
+    web = WebUI(sources, control=control, collect=collect_status)
+
+    async def respond(
+        send: Any,
+        code: int,
+        body: bytes,
+        content_type: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -337,6 +351,8 @@ def make_app(sources: StatusSources, *, control: bool) -> Callable[..., Awaitabl
                 "headers": [
                     (b"content-type", content_type.encode()),
                     (b"content-length", str(len(body)).encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    *(headers or []),
                 ],
             }
         )
@@ -382,7 +398,13 @@ def make_app(sources: StatusSources, *, control: bool) -> Callable[..., Awaitabl
             else:
                 await respond(send, 409, b"this daemon cannot drain itself\n", "text/plain")
         else:
-            await respond(send, 404, b"not found\n", "text/plain")
+            page: Response | None = await web.handle(
+                method, path, parse_qs(scope.get("query_string", b"").decode())
+            )
+            if page is None:
+                await respond(send, 404, b"not found\n", "text/plain")
+            else:
+                await respond(send, page.status, page.body, page.content_type, page.headers)
 
     return app
 
