@@ -143,6 +143,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             )
             failed_call = Background().start(client, failing)
             failed = failed_call.response(60)
+            # Some successful work too, queued together, for the plots and lists.
+            batch = [
+                Background().start(
+                    client, _action(client, ["/bin/sh", "-c", f"sleep 0.{i}; echo ok {i}"], {})
+                )
+                for i in range(6)
+            ]
+            for call in batch:
+                assert call.response(60).result.exit_code == 0
             s = Site(base, daemon, client, failed, failed_call.operations[0].name, shots)
             yield s
         finally:
