@@ -194,3 +194,37 @@ async def test_status_app_serves_ui_and_keeps_its_own_routes():
     assert await call("/static/style.css") == 200
     assert await call("/static/missing.js") == 404
     assert await call("/nothing-here") == 404
+
+
+async def test_large_stdout_is_truncated_and_output_trees_browse():
+    ui, ad = await _site(show=True, max_inline_bytes=1000)
+    cas = ui.sources.cas
+    log = b"line\n" * 1000
+    await cas.put_bytes(digest_of(log), log)
+    leaf = fastpb.Directory()
+    leaf.files.add(name="deep.txt").digest.hash = digest_of(b"x").hash
+    leaf_bytes = leaf.SerializeToString()
+    tree = fastpb.Tree()
+    sub = tree.root.directories.add(name="sub")
+    sub.digest.hash, sub.digest.size_bytes = digest_of(leaf_bytes).hash, len(leaf_bytes)
+    tree.children.add().CopyFrom(leaf)
+    tree_bytes = tree.SerializeToString()
+    await cas.put_bytes(digest_of(tree_bytes), tree_bytes)
+    result = fastpb.ActionResult(exit_code=0)
+    result.stdout_digest.hash, result.stdout_digest.size_bytes = digest_of(log).hash, len(log)
+    out = result.output_directories.add(path="out")
+    out.tree_digest.hash, out.tree_digest.size_bytes = digest_of(tree_bytes).hash, len(tree_bytes)
+    op = Operation(name="big-log", action_key=("", ad.hash, ad.size, 1))
+    done = transition(
+        op, CacheChecked(now=1.0, seq=1, hit=Outcome(result=result.SerializeToString()))
+    )
+    ui.sources.journal.observe(op, done)
+
+    code, html, _ = await _get(ui, "/operation/big-log")
+    assert code == 200 and "truncated" in html
+    shown = re.search(r'<pre class="output" id="stdout">(.*?)</pre>', html, re.S)
+    assert shown and len(shown.group(1)) == 1000
+    code, page, _ = await _get(
+        ui, f"/cas/{digest_of(tree_bytes).hash}/{len(tree_bytes)}", "as=tree"
+    )
+    assert code == 200 and "sub/" in page and "deep.txt" in page

@@ -30,6 +30,20 @@ async def fetch(cas: Store | None, digest: Digest, limit: int) -> tuple[bytes | 
         return None, "not in the CAS (expired or never uploaded)"
 
 
+async def fetch_head(cas: Store, digest: Digest, limit: int) -> tuple[bytes | None, str]:
+    """The first `limit` bytes of a blob (for a log too large to show whole)."""
+    parts: list[bytes] = []
+    got = 0
+    try:
+        async with cas.open_read(digest) as reader:
+            while got < limit and (chunk := await reader.read(limit - got)):
+                parts.append(chunk)
+                got += len(chunk)
+    except BlobNotFound:
+        return None, "not in the CAS (expired or never uploaded)"
+    return b"".join(parts), ""
+
+
 def _platform(p: Any) -> list[tuple[str, str]]:
     return [(prop.name, prop.value) for prop in p.properties]
 
@@ -142,4 +156,5 @@ __all__ = [
     "decode_tree",
     "digest_dict",
     "fetch",
+    "fetch_head",
 ]

@@ -356,12 +356,11 @@ class WebUI:
             out["truncated"] = len(raw) > cap
             return out
         digest = make_digest(ref["hash"], ref["size"], int(fn))
-        blob, why = await data.fetch(self.sources.cas, digest, cap)
-        if blob is None and digest.size > cap:
-            async with self.sources.cas.open_read(digest) as reader:
-                blob = await reader.read(cap)
+        cas = self.sources.cas
+        blob, why = await data.fetch(cas, digest, cap)
+        if blob is None and cas is not None and digest.size > cap:
+            blob, why = await data.fetch_head(cas, digest, cap)
             out["truncated"] = True
-            why = ""
         out["text"] = data.as_text(blob) if blob is not None else None
         out["note"] = why
         return out
