@@ -22,7 +22,7 @@ import pytest
 from reexec import fastpb
 from reexec.daemon.config import Config, WorkerConfig
 from reexec.sandbox.config import SandboxConfig
-from reexec.sandbox.confine_setup import confinement_problem, find_bwrap, host_user
+from reexec.sandbox.confine_setup import as_user, confinement_problem, find_bwrap, host_user
 from tests.conftest import make_config
 from tests.hardening.conftest import RawClient, ThreadDaemon, sha
 
@@ -214,11 +214,8 @@ def test_network_only_when_asked(serve, listener: int, network: str | None) -> N
 
 def test_processes_outside_cannot_be_signalled(serve) -> None:
     client, _ = serve
-    user = host_user(None)
-    kw: dict[str, Any] = {}
-    if user is not None:  # the same host user the actions run as
-        kw = {"user": user.uid, "group": user.gid, "extra_groups": []}
-    sleeper = subprocess.Popen(["sleep", "60"], **kw)
+    # The same host user the actions run as (setpriv: this process has grpcio's fork hooks).
+    sleeper = subprocess.Popen([*as_user(host_user(None)), "sleep", "60"])
     try:
         resp = _execute(client, f"kill -9 {sleeper.pid} && echo KILLED; kill -9 -1; echo done")
         assert "KILLED" not in _stdout(client, resp)

@@ -55,6 +55,7 @@ FETCH_SCRIPT = ROOT / "scripts" / "fetch_reference_protos.py"
 
 REAPI = "build/bazel/remote/execution/v2/remote_execution.proto"
 SEMVER = "build/bazel/semver/semver.proto"
+ASSET = "build/bazel/remote/asset/v1/remote_asset.proto"
 BYTESTREAM = "google/bytestream/bytestream.proto"
 OPERATIONS = "google/longrunning/operations.proto"
 STATUS = "google/rpc/status.proto"
@@ -63,7 +64,7 @@ ERROR_DETAILS = "google/rpc/error_details.proto"
 GAPI_OPERATIONS = "google/longrunning/operations_proto.proto"
 
 # Reference files taken from the buildstream wheel.
-BST_FILES = [REAPI, SEMVER, BYTESTREAM, OPERATIONS, STATUS, CODE]
+BST_FILES = [REAPI, SEMVER, BYTESTREAM, OPERATIONS, STATUS, CODE, ASSET]
 # Needed only so the reference _pb2 modules import.
 BST_EXTRA_FILES = ["google/api/annotations.proto", "google/api/http.proto"]
 # Reference files taken from googleapis-common-protos.
@@ -261,7 +262,7 @@ NEWER_THAN_BUILDSTREAM = {
 }
 
 
-@pytest.mark.parametrize("name", [REAPI, SEMVER, BYTESTREAM, STATUS, CODE])
+@pytest.mark.parametrize("name", [REAPI, SEMVER, BYTESTREAM, STATUS, CODE, ASSET])
 def test_descriptor_matches_buildstream_reference(
     name: str, reference: Reference, ours: dict[str, descriptor_pb2.FileDescriptorProto]
 ) -> None:
@@ -328,7 +329,7 @@ OWN_PROTOCOLS = {"reexec/worker/v1/worker.proto"}
 
 
 def test_every_proto_is_compared() -> None:
-    compared = {REAPI, SEMVER, BYTESTREAM, STATUS, CODE, OPERATIONS, ERROR_DETAILS}
+    compared = {REAPI, SEMVER, BYTESTREAM, STATUS, CODE, OPERATIONS, ERROR_DETAILS, ASSET}
     ours = {p.relative_to(PROTO_DIR).as_posix() for p in PROTO_DIR.rglob("*.proto")}
     assert ours - OWN_PROTOCOLS == compared, "add new protos to the wire tests"
 

@@ -29,6 +29,7 @@ from reexec.sandbox.confine import (
 )
 from reexec.sandbox.confine_setup import (
     HostUser,
+    as_user,
     confinement_problem,
     find_bwrap,
     host_user,
@@ -159,11 +160,9 @@ async def run_confined(box: Box, spec: ConfineSpec, script: str, env: dict | Non
     assert BWRAP is not None
     watch = NamespaceWatch()
     spec = replace(spec, status_fd=watch.write_fd)
-    argv = bwrap_argv(BWRAP, spec, ["sh", "-c", script], env or PATH_ENV)
+    # setpriv, like the worker: Popen's user= would fork() with other libraries' at-fork hooks.
+    argv = as_user(box.user) + bwrap_argv(BWRAP, spec, ["sh", "-c", script], env or PATH_ENV)
     out, err = box.base / "stdout", box.base / "stderr"
-    user = {}
-    if box.user is not None:
-        user = {"user": box.user.uid, "group": box.user.gid, "extra_groups": []}
     t0 = time.monotonic()
     try:
         with _open_out(out) as o, _open_out(err) as e:
@@ -177,7 +176,6 @@ async def run_confined(box: Box, spec: ConfineSpec, script: str, env: dict | Non
                     cwd="/",
                     start_new_session=True,
                     pass_fds=(watch.write_fd,),
-                    **user,
                 )
                 watch.close_write_end()
                 nursery.start_soon(watch.watch)
@@ -354,16 +352,14 @@ async def test_network_is_off_unless_asked_for(box: Box, listener: int, network:
     assert ("CONNECTED" in ran.stdout) is network, ran.stderr
 
 
-def _start_sleeper(kw: dict) -> subprocess.Popen:  # type: ignore[type-arg]
-    return subprocess.Popen(["sleep", "60"], **kw)
+def _start_sleeper() -> subprocess.Popen:  # type: ignore[type-arg]
+    # The same host user as the action: only the PID namespace protects it.
+    return subprocess.Popen([*as_user(USER), "sleep", "60"])
 
 
 @needs_bwrap
 async def test_a_process_outside_cannot_be_signalled(box: Box) -> None:
-    kw = {}
-    if USER is not None:  # the same host user as the action: only the PID namespace protects it
-        kw = {"user": USER.uid, "group": USER.gid, "extra_groups": []}
-    outside = _start_sleeper(kw)
+    outside = _start_sleeper()
     try:
         ran = await run_confined(
             box, box.spec(), f"kill -9 {outside.pid} && echo KILLED; kill -9 -1; echo done"
