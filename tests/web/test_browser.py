@@ -254,3 +254,21 @@ def test_timed_out_action_message_carries_its_page_url(site: Site) -> None:
     assert "did not finish within its timeout" in resp.message
     code, html = site.get(f"/operation/{name}")
     assert code == 200 and "did not finish within its timeout" in html
+
+
+def test_unix_socket_serves_the_ui(site: Site) -> None:
+    import http.client
+    import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(site.daemon.data_dir / "reexecd.sock"))
+
+    conn = UnixConnection("localhost", timeout=10)
+    conn.request("GET", "/")
+    resp = conn.getresponse()
+    html = resp.read().decode()
+    assert resp.status == 200 and "read-only" not in html and 'id="workers"' in html
+    assert "/drain" not in html  # web_drain_buttons is off by default
+    conn.close()

@@ -228,3 +228,25 @@ async def test_large_stdout_is_truncated_and_output_trees_browse():
         ui, f"/cas/{digest_of(tree_bytes).hash}/{len(tree_bytes)}", "as=tree"
     )
     assert code == 200 and "sub/" in page and "deep.txt" in page
+
+
+async def test_retries_and_their_reasons_are_listed():
+    from reexec.sched.state import Requeue
+
+    ui, ad = await _site(show=False)
+    op = Operation(name="retried", action_key=("", ad.hash, ad.size, 1))
+    steps = [
+        CacheChecked(now=1.0, seq=1),
+        Dispatched(worker_id="w1", now=2.0),
+        Requeue(worker_id="w1", attempt=1, now=3.0, seq=2, reason="worker lost <b>"),
+        Dispatched(worker_id="w2", now=4.0),
+    ]
+    for ev in steps:
+        new = transition(op, ev)
+        ui.sources.journal.observe(op, new)
+        op = new
+    code, html, _ = await _get(ui, "/operation/retried")
+    assert code == 200 and "<li>attempt 1 on w1: worker lost &lt;b&gt;</li>" in html
+    assert "2 (retries 1, declined 0)" in html
+    code, html, _ = await _get(ui, "/worker/w2")
+    assert code == 200 and "retried" in html
