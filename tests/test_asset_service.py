@@ -218,3 +218,33 @@ def _ts(t: float):
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(t, UTC)
+
+
+class _CountingStore(MemoryStore):
+    """A MemoryStore that also reports "forgotten", so it counts every removal."""
+
+    def stats(self) -> dict[str, int]:
+        return {**super().stats(), "forgotten": 0}
+
+
+async def test_a_complete_tree_is_walked_again_only_after_a_removal():
+    store = _CountingStore(max_bytes=400)
+    service = AssetService(store)
+    sub = re.Directory(files=[re.FileNode(name="f", digest=sha(b"deep file"))])
+    root = _directory({}, {"sub": sub})
+    for data in (root, bytes(sub), b"deep file"):
+        await store.put_bytes(_digest(sha(data)), data)
+    await service.push_directory(
+        PushDirectoryRequest(uris=["urn:tree"], root_directory_digest=_wire(sha(root)))
+    )
+    fetch = FetchDirectoryRequest(uris=["urn:tree"])
+    assert (await service.fetch_directory(fetch)).status.code == 0
+    checks = service.completeness_checks
+    assert (await service.fetch_directory(fetch)).status.code == 0
+    assert service.completeness_checks == checks  # nothing left the CAS: no walk
+    big = b"z" * (400 - len(root) - len(bytes(sub)))
+    await store.find_missing([_digest(sha(root)), _digest(sha(bytes(sub)))])
+    await store.put_bytes(_digest(sha(big)), big)  # evicts the deep file
+    resp = await service.fetch_directory(fetch)
+    assert resp.status.code == Status.NOT_FOUND.value
+    assert service.completeness_checks == checks + 1

@@ -8,9 +8,10 @@ Guarantees:
   * A push is refused (FAILED_PRECONDITION with MISSING violations) unless its blob or tree
     and every reference are in the CAS: an asset is never born incomplete.
   * A fetch answers only with an asset whose blob or tree and every reference are in the CAS
-    at answer time (checking also refreshes them in LRU stores); an incomplete one is dropped
-    and reads as NOT_FOUND, as does an expired one or one pushed before
-    `oldest_content_accepted`.
+    (checking also refreshes them in LRU stores); an incomplete one is dropped and reads as
+    NOT_FOUND, as does an expired one or one pushed before `oldest_content_accepted`. With a
+    store that counts every removal (`completeness.removal_generation`), content found
+    complete is not walked again until some blob leaves the CAS.
   * A request without URIs, with an empty URI or with a repeated qualifier name is
     INVALID_ARGUMENT (BuildStream probes for the service with a URI-less FetchBlob and
     PushBlob and expects exactly that).
@@ -29,6 +30,7 @@ from google.protobuf.message import DecodeError
 
 from reexec import fastpb
 from reexec.cas.asset_store import Asset, AssetIndex, AssetKey, AssetKind, Qualifiers
+from reexec.cas.completeness import removal_generation
 from reexec.cas.digest import Digest, DigestFunction, make_digest
 from reexec.cas.store import Store
 from reexec.cas.tree_completeness import missing_tree_blobs
@@ -51,6 +53,8 @@ PushDirectoryResponse = fastpb.message_class(_PKG + "PushDirectoryResponse")
 _NOT_FOUND = 5
 # A URI longer than this is refused: it is a key held in memory, not content.
 MAX_URI_BYTES = 64 * 1024
+# Complete-content memos kept before they are all dropped (re-checked on next fetch).
+MAX_REMEMBERED_COMPLETE = 100_000
 
 
 class _Fetch(Service):
@@ -102,6 +106,9 @@ class AssetService:
         self._clock = clock
         self.hits = 0
         self.misses = 0
+        self.completeness_checks = 0
+        # Content found complete, with the CAS's removal generation at the time.
+        self._complete: dict[tuple[object, ...], tuple[int, int]] = {}
 
     def services(self) -> list[Service]:
         out: list[Service] = [_Fetch(self)]
@@ -137,7 +144,7 @@ class AssetService:
             asset = self.index.get(key, self._now(), oldest)
             if asset is None or (function and asset.digest.function != function):
                 continue
-            missing = await self._missing(asset, kind)
+            missing = await self._missing_cached(asset, kind)
             if missing:
                 log.info(
                     "asset %s %r dropped: %d referenced blob(s) left the CAS, e.g. %s",
@@ -167,7 +174,22 @@ class AssetService:
         response.uri = uris[0]
         return response
 
+    async def _missing_cached(self, asset: Asset, kind: AssetKind) -> list[Digest]:
+        """`_missing`, skipped for content found complete while no blob has left the CAS since
+        (stores that count removals only): a fetch of a large pushed tree then costs no walk."""
+        generation = removal_generation(self.cas)
+        key = (kind, asset.digest, asset.references_blobs, asset.references_directories)
+        if generation is not None and self._complete.get(key) == generation:
+            return []
+        missing = await self._missing(asset, kind)
+        if not missing and generation is not None and generation == removal_generation(self.cas):
+            if len(self._complete) >= MAX_REMEMBERED_COMPLETE:
+                self._complete.clear()
+            self._complete[key] = generation
+        return missing
+
     async def _missing(self, asset: Asset, kind: AssetKind) -> list[Digest]:
+        self.completeness_checks += 1
         blobs = list(asset.references_blobs)
         trees = list(asset.references_directories)
         (trees if kind is AssetKind.DIRECTORY else blobs).insert(0, asset.digest)
