@@ -110,17 +110,20 @@ class Stats:
 # -- actions ------------------------------------------------------------------------------------
 
 
-def action_blobs(run_id: str, client: int, n: int) -> tuple[str, bytes, dict, bytes]:
-    """(id, expected stdout, {hash: (digest, data)}, action digest bytes)."""
+def action_blobs(
+    run_id: str, client: int, n: int, shared: bool = False
+) -> tuple[str, bytes, dict, bytes]:
+    """(id, expected stdout, {hash: (digest, data)}, action digest bytes). `shared`: the same
+    input and Command for every action, only the Action differs (salt, do_not_cache)."""
     ident = f"{run_id}-c{client}-a{n}"
-    content = f"input of {ident}\n".encode()
+    content = f"input of {run_id if shared else ident}\n".encode()
     root = fastpb.Directory()
     f = root.files.add(name="in.txt")
     f.digest.CopyFrom(sha(content))
     rb = root.SerializeToString(deterministic=True)
     cmd = fastpb.Command(arguments=["/bin/cat", "in.txt"])
     cb = cmd.SerializeToString()
-    action = fastpb.Action()
+    action = fastpb.Action(salt=ident.encode() if shared else b"", do_not_cache=shared)
     action.command_digest.CopyFrom(sha(cb))
     action.input_root_digest.CopyFrom(sha(rb))
     ab = action.SerializeToString()
@@ -181,11 +184,13 @@ async def run_action(c: Client, stats: Stats, ident: str, expected: bytes, blobs
     stats.completed[ident] += 1
 
 
-async def action_client(target: str, stats: Stats, run_id: str, i: int, n: int) -> None:
+async def action_client(
+    target: str, stats: Stats, run_id: str, i: int, n: int, shared: bool
+) -> None:
     c = Client(target)
     try:
         for k in range(n):
-            ident, expected, blobs, ad = action_blobs(run_id, i, k)
+            ident, expected, blobs, ad = action_blobs(run_id, i, k, shared)
             try:
                 await run_action(c, stats, ident, expected, blobs, ad)
             except Exception as e:
@@ -507,7 +512,7 @@ async def bench(args: argparse.Namespace) -> int:
         with CpuMeter(server) as m:
             work = [
                 *(
-                    action_client(target, stats, run_id, i, args.actions)
+                    action_client(target, stats, run_id, i, args.actions, args.shared_input)
                     for i in range(args.clients)
                 ),
             ]
@@ -540,10 +545,11 @@ async def bench(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + args.max_seconds
             _, pending = await asyncio.wait(tasks, timeout=args.max_seconds)
             actions_done.set()
-            _, pending_uploads = await asyncio.wait(
-                uploads, timeout=max(1.0, deadline - time.monotonic())
-            )
-            pending |= pending_uploads
+            if uploads:
+                _, pending_uploads = await asyncio.wait(
+                    uploads, timeout=max(1.0, deadline - time.monotonic())
+                )
+                pending |= pending_uploads
             prog.cancel()
             for t in pending:
                 t.cancel()
@@ -651,6 +657,12 @@ def main() -> int:
     p.add_argument("--bad-pause", type=float, default=0.05, help="seconds between bad inputs")
     p.add_argument("--slots", type=int, default=0, help="worker slots (0: the default config)")
     p.add_argument("--max-seconds", type=float, default=360.0)
+    p.add_argument(
+        "--shared-input",
+        action="store_true",
+        help="every action has the same input and Command (do_not_cache, distinct salt): one "
+        "new blob per action instead of four, to tell memory per action from memory per blob",
+    )
     return asyncio.run(bench(p.parse_args()))
 
 
