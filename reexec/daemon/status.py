@@ -138,6 +138,13 @@ def collect_status(sources: StatusSources) -> dict[str, Any]:
                 "workers_lost": st.workers_lost,
             },
         }
+    journal = sources.journal
+    if journal is not None:
+        doc["journal"] = {
+            "operations": len(journal),
+            "bytes": journal.bytes,
+            "evicted": journal.evicted,
+        }
     agent = sources.agent
     if agent is not None:
         ex = agent.executor

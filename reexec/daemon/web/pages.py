@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
-from urllib.parse import quote, unquote, urlencode
+from urllib.parse import quote, urlencode
 
 import jinja2
 
@@ -118,7 +118,8 @@ class WebUI:
 
     async def handle(self, method: str, path: str, query: dict[str, list[str]]) -> Response | None:
         """The response for a UI path, or None if `path` is not the UI's."""
-        parts = [unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
+        # ASGI's `path` is already percent-decoded; names may contain "/" (joined again below).
+        parts = path.strip("/").split("/") if path != "/" else []
         head = parts[0] if parts else ""
         routes = {
             "": self.overview,
