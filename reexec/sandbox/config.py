@@ -28,9 +28,11 @@ class SandboxConfig(ConfigStruct):
     """A private network namespace (loopback only) for every action. Confined actions always
     get one unless they ask for `network=on`; true refuses them that."""
     pid: bool = False
-    """A private PID namespace for every action."""
+    """A private PID namespace for every action (confinement "off" only: confined actions
+    always have one)."""
     private_tmp: bool = False
-    """A private, empty /tmp for every action."""
+    """A private, empty /tmp for every action (confinement "off" only: confined actions always
+    have one)."""
     allow_absolute_symlinks: bool = False
     """Accept input symlinks with absolute targets."""
     kill_grace_s: float = 5.0
