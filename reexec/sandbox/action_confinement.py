@@ -20,7 +20,7 @@ from reexec.errors import InvalidArgument
 from reexec.sandbox.confine import ConfineMode, ConfineSpec
 from reexec.sandbox.confine_setup import HostUser
 
-__all__ = ["Confinement", "own_platform", "parse_ro_binds"]
+__all__ = ["Confinement", "outermost", "own_platform", "parse_ro_binds"]
 
 # Python's machine names -> the REAPI / BuildStream ISA names.
 _ISA = {
@@ -71,6 +71,8 @@ class Confinement:
     ro_binds: tuple[tuple[str, str], ...] = ()
     allow_network: bool = True
     """False: actions asking for `network=on` still get a private network namespace."""
+    hidden: tuple[str, ...] = ()
+    """`host` mode: the worker's directories (data, cache, work) hidden from actions."""
 
     def spec(
         self, props: Mapping[str, str], exec_root: Path, cwd: Path, tmp_dir: Path
@@ -88,6 +90,7 @@ class Confinement:
             gid=_id(props, "unixGID"),
             tmp_dir=os.path.abspath(tmp_dir),
             ro_binds=self.ro_binds if self.mode is ConfineMode.INPUT_ROOT else (),
+            hidden=self.hidden if self.mode is ConfineMode.HOST else (),
         )
 
 
@@ -98,3 +101,13 @@ def _id(props: Mapping[str, str], name: str) -> int:
     if not value.isdigit() or int(value) > _MAX_ID:
         raise InvalidArgument(f"platform property {name} must be a number from 0 to {_MAX_ID}")
     return int(value)
+
+
+def outermost(paths: list[str]) -> tuple[str, ...]:
+    """The absolute, normalised `paths` without those inside another one of them."""
+    norm = sorted({os.path.abspath(p) for p in paths})
+    out: list[str] = []
+    for p in norm:
+        if not any(p == o or p.startswith(o.rstrip("/") + "/") for o in out):
+            out.append(p)
+    return tuple(out)

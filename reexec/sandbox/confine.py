@@ -19,8 +19,9 @@ What every confined action gets:
 
 The two modes:
   * `host` (Bazel): the host's `/` read-only (`--ro-bind / /`, recursive), then `/dev`, `/proc`,
-    `/tmp` as above, then the exec root bound read-write at its own path, so absolute paths into
-    it and the host's toolchains keep working. Nothing else is writable.
+    `/tmp` as above, an empty tmpfs over each `hidden` directory (the worker's own data), then
+    the exec root bound read-write at its own path, so absolute paths into it and the host's
+    toolchains keep working. Nothing else is writable.
   * `input_root` (BuildStream): the exec root is `/` (`--bind EXEC_ROOT /`), `/dev`, `/proc`,
     `/tmp` are provided on top, plus the read-only binds the worker's config lists. The host's
     filesystem is not reachable at all: `..` of `/` is `/`, so no symlink chain leaves it.
@@ -77,6 +78,9 @@ class ConfineSpec:
     """Host directory bound on /tmp (the per-action temp dir); None: a fresh tmpfs."""
     ro_binds: tuple[tuple[str, str], ...] = ()
     """`input_root` mode: (host source, absolute destination) bound read-only inside."""
+    hidden: tuple[str, ...] = ()
+    """`host` mode: absolute host directories covered by an empty tmpfs (the worker's data,
+    cache and work directories: other actions' inputs and the CAS stay unreadable)."""
     status_fd: int | None = None
     """An fd bwrap inherits and writes its JSON status to (see `child_pid_from_status`)."""
     hostname: str = "reexec"
@@ -120,6 +124,10 @@ def bwrap_argv(
         # Order matters: the read-only host first, then what covers it. The exec root comes
         # last so that an exec root under /tmp is bound on top of the private /tmp.
         out += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *tmp]
+        for path in spec.hidden:
+            if not posixpath.isabs(path) or posixpath.normpath(path) in ("/", "/dev", "/proc"):
+                raise ValueError(f"hidden directory {path!r} is not allowed")
+            out += ["--tmpfs", path]
         out += ["--bind", spec.exec_root, spec.exec_root]
     else:
         out += ["--bind", spec.exec_root, "/", "--dev", "/dev", "--proc", "/proc", *tmp]

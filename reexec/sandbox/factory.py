@@ -10,7 +10,12 @@ import trio
 from grpclib.client import Channel
 
 from reexec.configtypes import parse_size
-from reexec.sandbox.action_confinement import Confinement, own_platform, parse_ro_binds
+from reexec.sandbox.action_confinement import (
+    Confinement,
+    outermost,
+    own_platform,
+    parse_ro_binds,
+)
 from reexec.sandbox.agent import AgentSettings, WorkerAgent
 from reexec.sandbox.cas_access import CasAccess
 from reexec.sandbox.config import WorkerConfig, platform_pairs
@@ -45,7 +50,17 @@ async def build_worker(
 ) -> WorkerAgent:
     """A ready worker agent (its local cache scanned); `agent.run()` connects and works."""
     confinement = await trio.to_thread.run_sync(
-        _confinement, wc, _under(data_dir, wc.work_directory)
+        _confinement,
+        wc,
+        _under(data_dir, wc.work_directory),
+        # Hidden from actions in host mode: the CAS, other actions' inputs, tokens.
+        outermost(
+            [
+                str(data_dir),
+                str(_under(data_dir, wc.work_directory)),
+                str(_under(data_dir, wc.cache_directory)),
+            ]
+        ),
     )
     run_as = wc.sandbox.run_as
     if confinement is not None and confinement.user is not None:
@@ -90,7 +105,9 @@ async def build_worker(
     return WorkerAgent(settings, executor, channel_factory)
 
 
-def _confinement(wc: WorkerConfig, work_directory: Path) -> Confinement | None:
+def _confinement(
+    wc: WorkerConfig, work_directory: Path, hidden: tuple[str, ...] = ()
+) -> Confinement | None:
     """The confinement policy, checked for real (bwrap run once as the action user); blocking."""
     mode = ConfineMode(wc.sandbox.confinement)
     if mode is ConfineMode.OFF:
@@ -121,4 +138,5 @@ def _confinement(wc: WorkerConfig, work_directory: Path) -> Confinement | None:
         user=user,
         ro_binds=ro_binds,
         allow_network=not wc.sandbox.network,
+        hidden=hidden,
     )

@@ -80,3 +80,16 @@ def test_worker_refuses_to_start_without_namespaces(tmp_path: Path) -> None:
 def test_confinement_off_needs_nothing(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(factory, "find_bwrap", lambda: None)
     assert factory._confinement(_config("off"), tmp_path / "work") is None
+
+
+def test_hidden_directories_only_in_host_mode_and_outermost_only() -> None:
+    from reexec.sandbox.action_confinement import outermost
+    from reexec.sandbox.confine import bwrap_argv
+
+    hidden = outermost(["/srv/reexec/work", "/srv/reexec", "/srv/reexec-cache", "/srv/reexec/"])
+    assert hidden == ("/srv/reexec", "/srv/reexec-cache")
+    spec = policy(ConfineMode.HOST, hidden=hidden).spec({}, ROOT, ROOT, ROOT)
+    argv = " ".join(bwrap_argv("bwrap", spec, ["true"], {}))
+    # After the read-only host, before the exec root (which is bound back on top).
+    assert "--tmpfs /srv/reexec --tmpfs /srv/reexec-cache --bind /w/op/root /w/op/root" in argv
+    assert policy(hidden=hidden).spec({}, ROOT, ROOT, ROOT).hidden == ()  # input_root
