@@ -44,8 +44,48 @@ class FastSlowStoreConfig(TaggedConfigStruct, tag="fast_slow"):
     slow: StoreConfig
 
 
+class GrpcStoreConfig(TaggedConfigStruct, tag="grpc"):
+    """Another REAPI endpoint (a storage host) used as a store."""
+
+    url: str
+    """grpc://HOST:PORT or grpcs://HOST:PORT."""
+    instance_name: str = ""
+    tls_ca: str | None = None
+    """CA bundle to verify a grpcs:// endpoint (default: the system's CAs)."""
+    timeout_s: float = 60.0
+    """Deadline of each call (of each message, for ByteStream)."""
+
+
+class Shard(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    """Stable: it decides which blobs the shard owns (renaming one moves its blobs)."""
+    weight: float = 1.0
+    """Share of blobs, relative to the other shards' weights."""
+    store: StoreConfig
+
+
+class ShardStoreConfig(TaggedConfigStruct, tag="shard"):
+    """Each blob in one of `shards`, chosen by weighted rendezvous hashing of its digest."""
+
+    shards: list[Shard]
+
+
+class SizePartitioningStoreConfig(TaggedConfigStruct, tag="size_partitioning"):
+    """Blobs up to `threshold` bytes in `small`, larger ones in `large`."""
+
+    small: StoreConfig
+    large: StoreConfig
+    threshold: ByteSize = "64KiB"
+
+
 StoreConfig = Union[  # noqa: UP007
-    MemoryStoreConfig, FilesystemStoreConfig, VerifyStoreConfig, FastSlowStoreConfig
+    MemoryStoreConfig,
+    FilesystemStoreConfig,
+    VerifyStoreConfig,
+    FastSlowStoreConfig,
+    GrpcStoreConfig,
+    ShardStoreConfig,
+    SizePartitioningStoreConfig,
 ]
 
 

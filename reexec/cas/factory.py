@@ -9,7 +9,10 @@ from reexec.cas.action_cache import ActionCache, FilesystemActionCache, MemoryAc
 from reexec.cas.completeness import CompletenessCheckingActionCache
 from reexec.cas.fast_slow import FastSlowStore
 from reexec.cas.filesystem import FilesystemStore
+from reexec.cas.grpc_store import GrpcStore, channel_factory
 from reexec.cas.memory import MemoryStore
+from reexec.cas.shard import ShardStore
+from reexec.cas.size_partition import SizePartitionStore
 from reexec.cas.store import Store, blob_limit
 from reexec.cas.verify import VerifyingStore
 from reexec.configtypes import parse_size
@@ -40,6 +43,23 @@ async def build_store(spec: c.StoreConfig, data_dir: Path) -> Store:
     if isinstance(spec, c.FastSlowStoreConfig):
         return FastSlowStore(
             await build_store(spec.fast, data_dir), await build_store(spec.slow, data_dir)
+        )
+    if isinstance(spec, c.GrpcStoreConfig):
+        return GrpcStore(
+            channel_factory(spec.url, tls_ca=spec.tls_ca),
+            instance=spec.instance_name,
+            timeout_s=spec.timeout_s,
+            endpoint=spec.url,
+        )
+    if isinstance(spec, c.ShardStoreConfig):
+        return ShardStore(
+            [(s.name, s.weight, await build_store(s.store, data_dir)) for s in spec.shards]
+        )
+    if isinstance(spec, c.SizePartitioningStoreConfig):
+        return SizePartitionStore(
+            parse_size(spec.threshold),
+            await build_store(spec.small, data_dir),
+            await build_store(spec.large, data_dir),
         )
     raise TypeError(f"unknown store config {spec!r}")
 

@@ -15,10 +15,13 @@ import msgspec
 
 from reexec.cas.config import (
     ActionCacheConfig,
+    GrpcStoreConfig,
+    ShardStoreConfig,
     StoreConfig,
     default_action_cache,
     default_store,
 )
+from reexec.cas.grpc_store import channel_factory
 from reexec.configtypes import ByteSize, ConfigStruct, parse_size
 from reexec.sandbox.config import WorkerConfig
 from reexec.sched.config import SchedulerConfig
@@ -172,6 +175,7 @@ def check_semantics(config: Config, source: str) -> None:
             fail(f"server.listen[{i}]", str(e))
     if not config.server.listen:
         fail("server.listen", "at least one address is required")
+    _check_store("cas", config.cas, fail)
     if config.server.max_connections < 0:
         fail("server.max_connections", "must not be negative (0: derived from the fd limit)")
     if config.server.max_open_uploads < 1:
@@ -192,6 +196,30 @@ def check_semantics(config: Config, source: str) -> None:
             fail(f"server.{key}", "must not be negative")
 
 
+def _check_store(prefix: str, node: Any, fail: Any) -> None:
+    """What msgspec's types cannot say about a store tree: URLs, shard names and weights."""
+    if isinstance(node, GrpcStoreConfig):
+        try:
+            channel_factory(node.url, tls_ca=node.tls_ca)
+        except ValueError as e:
+            fail(f"{prefix}.url", str(e))
+        if not node.timeout_s > 0:
+            fail(f"{prefix}.timeout_s", "must be a positive number of seconds")
+    if isinstance(node, ShardStoreConfig):
+        if not node.shards:
+            fail(f"{prefix}.shards", "at least one shard is required")
+        names = [shard.name for shard in node.shards]
+        for i, shard in enumerate(node.shards):
+            if not shard.name or shard.name in names[:i]:
+                fail(f"{prefix}.shards[{i}].name", "shard names must be unique and not empty")
+            if not shard.weight > 0:
+                fail(f"{prefix}.shards[{i}].weight", "must be a positive number")
+            _check_store(f"{prefix}.shards[{i}].store", shard.store, fail)
+    for child in ("inner", "fast", "slow", "small", "large"):
+        if hasattr(node, child):
+            _check_store(f"{prefix}.{child}", getattr(node, child), fail)
+
+
 def _sizes(config: Config) -> list[tuple[str, int | str]]:
     out: list[tuple[str, int | str]] = [
         ("server.max_batch_total_size_bytes", config.server.max_batch_total_size_bytes),
@@ -200,11 +228,14 @@ def _sizes(config: Config) -> list[tuple[str, int | str]]:
     ]
 
     def walk(prefix: str, node: Any) -> None:
-        if hasattr(node, "max_bytes"):
-            out.append((f"{prefix}.max_bytes", node.max_bytes))
-        for child in ("inner", "fast", "slow"):
+        for size_key in ("max_bytes", "threshold"):
+            if hasattr(node, size_key):
+                out.append((f"{prefix}.{size_key}", getattr(node, size_key)))
+        for child in ("inner", "fast", "slow", "small", "large"):
             if hasattr(node, child):
                 walk(f"{prefix}.{child}", getattr(node, child))
+        for i, shard in enumerate(getattr(node, "shards", ())):
+            walk(f"{prefix}.shards[{i}].store", shard.store)
 
     out.append(("worker.cache_max_bytes", config.worker.cache_max_bytes))
     walk("cas", config.cas)

@@ -102,6 +102,13 @@ class ConnectionTracker:
         self.refused = 0
         self.closed_idle = 0
         self._warned_at = -_WARN_INTERVAL_S
+        # Admitted connections, so a closing server can end them: grpclib's Server.close()
+        # stops listening and cancels running handlers but keeps serving live connections.
+        self.live: set[_LimitedH2Protocol] = set()
+
+    def close_all(self, reason: str) -> None:
+        for protocol in list(self.live):
+            protocol.close_connection(reason)
 
     def admit(self) -> bool:
         if self.open >= self.limits.max_connections:
@@ -136,6 +143,7 @@ class _LimitedH2Protocol(H2Protocol):
             transport.close()
             return
         self._admitted = True
+        self._tracker.live.add(self)
         self._made_at = time.monotonic()
         super().connection_made(transport)
         if self._tracker.limits.idle_timeout_s > 0:
@@ -158,6 +166,7 @@ class _LimitedH2Protocol(H2Protocol):
             return
         self._admitted = False
         self._tracker.open -= 1
+        self._tracker.live.discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         super().connection_lost(exc)
@@ -184,11 +193,14 @@ class _LimitedH2Protocol(H2Protocol):
             return
         self._tracker.closed_idle += 1
         log.debug("closing a connection idle for %.0fs", now - last)
+        self.close_connection("Connection idle")
+
+    def close_connection(self, reason: str) -> None:
         # GOAWAY first: well-behaved clients then reconnect for their next call without error.
         with contextlib.suppress(Exception):
-            c._connection.close_connection()
-            c.flush()
-        self.processor.close("Connection idle")
+            self.connection._connection.close_connection()
+            self.connection.flush()
+        self.processor.close(reason)
 
 
 class _Server(Server):
@@ -330,6 +342,8 @@ class GrpcServer:
     async def _close_all(self) -> None:
         for server in self._servers:
             server.close()
+        # Live connections outlast Server.close(); end them so clients see the server go.
+        self.connections.close_all("Server closed")
         waits = [asyncio.ensure_future(s.wait_closed()) for s in self._servers]
         if waits:
             await asyncio.wait(waits, timeout=5)

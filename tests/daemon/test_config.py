@@ -209,7 +209,7 @@ def test_unknown_key_in_tagged_union_names_the_chosen_members_keys(tmp_path: Pat
 
 
 def test_bad_type_tag(tmp_path: Path) -> None:
-    stores = "allowed types: memory, filesystem, verify, fast_slow"
+    stores = "allowed types: memory, filesystem, verify, fast_slow, grpc, shard, size_partitioning"
     assert error_for(tmp_path, "[cas]\ntype = 's3'\n") == f"cas.type: invalid value 's3'; {stores}"
     msg = error_for(tmp_path, "[cas]\ntype = 'verify'\ninner = { type = 'redis' }\n")
     assert msg == f"cas.inner.type: invalid value 'redis'; {stores}"
@@ -348,3 +348,51 @@ def test_parse_listen() -> None:
     assert parse_listen("example.com:65535") == ("example.com", 65535)
     with pytest.raises(ValueError, match="out of range"):
         parse_listen("h:65536")
+
+
+def test_scale_out_stores_decode_and_build(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        """
+        [cas]
+        type = "size_partitioning"
+        threshold = "64KiB"
+        small = { type = "memory", max_bytes = "1GiB" }
+        [cas.large]
+        type = "shard"
+        [[cas.large.shards]]
+        name = "storage-a"
+        store = { type = "grpc", url = "grpc://10.0.0.1:8980", timeout_s = 30 }
+        [[cas.large.shards]]
+        name = "storage-b"
+        weight = 2
+        store = { type = "grpc", url = "grpcs://storage-b.example:8980", instance_name = "main" }
+        """
+    )
+    config = load_config(path)
+    assert config.cas.large.shards[1].weight == 2  # type: ignore[union-attr]
+    assert config.cas.large.shards[1].store.instance_name == "main"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("shards", "needle"),
+    [
+        ("shards = []", "cas.shards: at least one shard is required"),
+        (
+            'shards = [{ name = "a", store = { type = "memory" } }, '
+            '{ name = "a", store = { type = "memory" } }]',
+            "cas.shards[1].name: shard names must be unique",
+        ),
+        (
+            'shards = [{ name = "a", weight = 0, store = { type = "memory" } }]',
+            "cas.shards[0].weight: must be a positive number",
+        ),
+        (
+            'shards = [{ name = "a", store = { type = "grpc", url = "http://x:1" } }]',
+            "cas.shards[0].store.url: 'http://x:1' is not grpc://HOST:PORT",
+        ),
+    ],
+)
+def test_shard_store_errors_name_the_key(tmp_path: Path, shards: str, needle: str) -> None:
+    msg = error_for(tmp_path, f'[cas]\ntype = "shard"\n{shards}\n')
+    assert needle in msg
