@@ -1,5 +1,5 @@
-"""The server role (`reexecd serve` and `reexecd scheduler`): stores, gRPC services, scheduler
-and, in `serve`, a local worker.
+"""The server roles (`reexecd serve`, `scheduler` and `storage`): stores, gRPC services, the
+scheduler (not in `storage`) and, in `serve`, a local worker.
 
     trio.run(run_daemon)
     └─ trio-asyncio loop                 grpclib's servers and clients run on it
@@ -125,11 +125,11 @@ def _worker_socket_path(data_dir: Path) -> str:
 class Daemon:
     """The server role. Its parts exist once `run` has started (tests read them)."""
 
-    def __init__(self, config: Config, *, local_worker: bool) -> None:
+    def __init__(self, config: Config, *, local_worker: bool, role: str | None = None) -> None:
         self.config = config
         self.with_scheduler = config.scheduler.enabled
         self.with_worker = local_worker and self.with_scheduler and config.worker.enabled
-        self.status = StatusSources(role="serve" if local_worker else "scheduler")
+        self.status = StatusSources(role=role or ("serve" if local_worker else "scheduler"))
         self.cas: Store
         self.ac: ActionCache
         self.server: GrpcServer | None = None
@@ -267,15 +267,17 @@ async def run_daemon(
     handle_signals: bool = True,
     local_worker: bool = True,
     config_path: str | None = None,
+    role: str | None = None,
 ) -> None:
     """Run the server role until cancelled or, with `handle_signals`, until SIGINT/SIGTERM (or
     POST /drain) has drained it.
 
     `local_worker` (the `serve` role) also runs a worker in this process, connected to the
     scheduler through a private unix socket and to the CAS in process (hardlinks, no copies).
+    `role` names the role in status and logs (`storage`: a node with the scheduler off).
     """
     async with _asyncio_loop():
-        daemon = Daemon(config, local_worker=local_worker)
+        daemon = Daemon(config, local_worker=local_worker, role=role)
         lifecycle = Lifecycle(config, config_path, handle_signals=handle_signals)
         await lifecycle.run(daemon, task_status=task_status)  # type: ignore[arg-type]
     log.info("reexecd stopped")

@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="all in one: CAS, action cache, scheduler and a local worker"
     )
     scheduler = sub.add_parser("scheduler", help="CAS, action cache and scheduler; no worker")
-    for s in (serve, scheduler):
+    storage = sub.add_parser(
+        "storage", help="a storage node: CAS, ByteStream, action cache, Capabilities only"
+    )
+    for s in (serve, scheduler, storage):
         _common(s)
         s.add_argument(
             "--listen", action="append", help="override server.listen (host:port; repeatable)"
@@ -102,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "worker":
         main_fn = partial(run_worker, config, args.config)
+    elif args.command == "storage":
+        # No scheduler (so no worker either), whatever the file says.
+        config.scheduler.enabled = False
+        main_fn = partial(
+            run_daemon, config, local_worker=False, config_path=args.config, role="storage"
+        )
     else:
         main_fn = partial(
             run_daemon, config, local_worker=args.command == "serve", config_path=args.config

@@ -55,6 +55,7 @@ UNIT_EXAMPLES = {
     "reexec-scheduler.service": "scheduler.toml",
     "reexec-worker@.service": "worker.toml",
     "reexec-serve.service": "reexecd.toml",
+    "reexec-storage.service": "storage.toml",
 }
 
 
@@ -358,6 +359,7 @@ UNIT_EXAMPLES_BY_CONFIG = {
     "scheduler.toml": "scheduler.toml",
     "worker-1.toml": "worker.toml",
     "reexecd.toml": "reexecd.toml",
+    "storage.toml": "storage.toml",
 }
 
 
@@ -396,7 +398,8 @@ def test_unit_keys(name: str) -> None:
     assert argv[0] == INSTALLED_REEXECD
     args = _parser().parse_args(argv[1:])  # exits (fails the test) on an unknown flag
     assert args.command == {"reexec-scheduler.service": "scheduler", "reexec-worker@.service":
-                            "worker", "reexec-serve.service": "serve"}[name]  # fmt: skip
+                            "worker", "reexec-serve.service": "serve",
+                            "reexec-storage.service": "storage"}[name]  # fmt: skip
     config = effective_config(argv)
 
     # The data directory is the state directory, and writable despite ProtectSystem=strict.
@@ -409,6 +412,7 @@ def test_unit_keys(name: str) -> None:
     # Stopping must outlast the daemon's own drain, or systemd SIGKILLs it mid-drain.
     drain = {
         "scheduler": config.server.grace_period_s,
+        "storage": config.server.grace_period_s,
         "worker": config.worker.drain_timeout_s + config.worker.sandbox.kill_grace_s,
         "serve": config.server.grace_period_s + config.worker.drain_timeout_s,
     }[args.command]
@@ -428,7 +432,7 @@ def test_unit_keys(name: str) -> None:
     families = set(one(unit, "RestrictAddressFamilies").split())
     assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= families
     service = unit["Service"]
-    if args.command == "scheduler":
+    if args.command in ("scheduler", "storage"):
         assert one(unit, "RestrictNamespaces") == "yes"
         assert one(unit, "CapabilityBoundingSet") == ""
         assert families == {"AF_UNIX", "AF_INET", "AF_INET6"}
@@ -553,7 +557,9 @@ async def capabilities(port: int) -> reapi.ServerCapabilities:
         ch.close()
 
 
-@pytest.mark.parametrize("name", ["reexec-scheduler.service", "reexec-serve.service"])
+@pytest.mark.parametrize(
+    "name", ["reexec-scheduler.service", "reexec-serve.service", "reexec-storage.service"]
+)
 async def test_server_unit_notifies_ready_watchdog_and_stopping(
     aio_loop: None, tmp_path: Path, receiver: Receiver, sock_dir: Path, name: str
 ) -> None:
@@ -565,7 +571,8 @@ async def test_server_unit_notifies_ready_watchdog_and_stopping(
             assert ready.fields.get("STATUS")
             # READY=1 means it accepts RPCs now: no retrying.
             caps = await capabilities(port)
-            assert caps.execution_capabilities.exec_enabled
+            assert caps.execution_capabilities.exec_enabled == (name != "reexec-storage.service")
+            assert caps.cache_capabilities.max_batch_total_size_bytes > 0
             # WatchdogSec= is safe: pings keep coming (WATCHDOG_USEC=0.4 s: one every 0.2 s).
             for _ in range(3):
                 await unit.wait_for(receiver, "WATCHDOG", 3)
