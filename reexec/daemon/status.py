@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import trio
@@ -339,6 +339,17 @@ def metrics_text(sources: StatusSources) -> str:
 _JSON = msgspec.json.Encoder()
 
 
+def _cross_site(scope: dict[str, Any]) -> bool:
+    """Whether a browser sent this request from another site's page. The unix socket can be
+    forwarded to a local TCP port; a page elsewhere must not be able to drain through it.
+    (`reexecd drain` sends no Origin; the web UI's own drain buttons send their own.)"""
+    headers = dict(scope.get("headers") or [])
+    origin = headers.get(b"origin")
+    if origin is None:
+        return headers.get(b"sec-fetch-site", b"") == b"cross-site"
+    return urlsplit(origin.decode("latin-1")).netloc.encode("latin-1") != headers.get(b"host")
+
+
 def make_app(sources: StatusSources, *, control: bool) -> Callable[..., Awaitable[None]]:
     """The ASGI app; `control` enables /status and /drain (unix socket only)."""
 
@@ -389,6 +400,9 @@ def make_app(sources: StatusSources, *, control: bool) -> Callable[..., Awaitabl
         elif path == "/status" and control:
             await respond(send, 200, _JSON.encode(collect_status(sources)), "application/json")
         elif path == "/drain" and control and method == "POST":
+            if _cross_site(scope):
+                await respond(send, 403, b"cross-site requests cannot drain\n", "text/plain")
+                return
             query = parse_qs(scope.get("query_string", b"").decode())
             worker = (query.get("worker") or [""])[0]
             if worker:

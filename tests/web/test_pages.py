@@ -250,3 +250,32 @@ async def test_retries_and_their_reasons_are_listed():
     assert "2 (retries 1, declined 0)" in html
     code, html, _ = await _get(ui, "/worker/w2")
     assert code == 200 and "retried" in html
+
+
+async def test_drain_refuses_cross_site_browser_requests():
+    drained: list[bool] = []
+    sources = StatusSources(role="serve", drain_self=lambda: drained.append(True))
+    app = make_app(sources, control=True)
+    sent: list[dict] = []
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def post(headers: list[tuple[bytes, bytes]]) -> int:
+        sent.clear()
+        scope = {
+            "type": "http",
+            "path": "/drain",
+            "method": "POST",
+            "query_string": b"",
+            "headers": headers,
+        }
+        await app(scope, None, send)
+        return sent[0]["status"]
+
+    assert await post([(b"host", b"localhost:9100"), (b"origin", b"http://evil.example")]) == 403
+    assert await post([(b"host", b"localhost:9100"), (b"sec-fetch-site", b"cross-site")]) == 403
+    assert not drained
+    assert await post([(b"host", b"localhost:9100"), (b"origin", b"http://localhost:9100")]) == 202
+    assert await post([]) == 202  # reexecd drain
+    assert drained == [True, True]
