@@ -223,6 +223,10 @@ def test_worker_and_cas_pages(site: Site) -> None:
     assert worker
     code, page = site.get(f"/worker/{worker.group(1)}")
     assert code == 200 and site.failed_name[:13] in page
+    if chromium():
+        screenshot(
+            f"{site.base}/worker/{worker.group(1)}", site.shots / "web-worker.png", size=(1280, 600)
+        )
     stderr = site.failed.result.stderr_digest
     if stderr.hash:
         code, blob = site.get(f"/blob/{stderr.hash}/{stderr.size_bytes}")
