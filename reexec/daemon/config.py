@@ -176,6 +176,8 @@ def check_semantics(config: Config, source: str) -> None:
     if not config.server.listen:
         fail("server.listen", "at least one address is required")
     _check_store("cas", config.cas, fail)
+    if config.worker.cas is not None:
+        _check_store("worker.cas", config.worker.cas, fail)
     if config.server.max_connections < 0:
         fail("server.max_connections", "must not be negative (0: derived from the fd limit)")
     if config.server.max_open_uploads < 1:
@@ -239,6 +241,8 @@ def _sizes(config: Config) -> list[tuple[str, int | str]]:
 
     out.append(("worker.cache_max_bytes", config.worker.cache_max_bytes))
     walk("cas", config.cas)
+    if config.worker.cas is not None:
+        walk("worker.cas", config.worker.cas)
     walk("action_cache", config.action_cache)
     return out
 

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import trio
 import trio_asyncio
+from grpclib.client import Channel
 
+from reexec.cas.factory import build_store
+from reexec.cas.store import Store
 from reexec.daemon.channels import default_worker_id, read_token, scheduler_channel_factory
 from reexec.daemon.config import Config, ConfigError
 from reexec.daemon.lifecycle import Lifecycle, changed_keys
 from reexec.daemon.status import StatusSources
 from reexec.sandbox.agent import WorkerAgent
-from reexec.sandbox.cas_access import GrpcAccess
+from reexec.sandbox.cas_access import CasAccess, GrpcAccess, LocalStoreAccess
 from reexec.sandbox.factory import WorkerSetupError, build_worker
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ class WorkerRole:
         self.config = config
         self.status = StatusSources(role="worker")
         self.agent: WorkerAgent | None = None
+        self._store: Store | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect to the scheduler and run actions; returns once the agent has drained."""
@@ -43,7 +47,7 @@ class WorkerRole:
         cas_channel = await factory()
         try:
             worker_id = config.worker.worker_id or default_worker_id()
-            access = GrpcAccess(cas_channel, config.worker.instance_name, worker_id)
+            access = await self._cas_access(cas_channel, worker_id)
             try:
                 self.agent = await build_worker(
                     config.worker, Path(config.data_dir), access, factory, worker_id
@@ -58,6 +62,17 @@ class WorkerRole:
             await self.agent.run(task_status=task_status)
         finally:
             cas_channel.close()
+            if self._store is not None:
+                with trio.move_on_after(10, shield=True):
+                    await self._store.aclose()
+
+    async def _cas_access(self, cas_channel: Channel, worker_id: str) -> CasAccess:
+        """The scheduler's CAS, or the store `worker.cas` names (storage nodes directly)."""
+        wc = self.config.worker
+        if wc.cas is None:
+            return GrpcAccess(cas_channel, wc.instance_name, worker_id)
+        self._store = await build_store(wc.cas, Path(self.config.data_dir))
+        return LocalStoreAccess(self._store)
 
     async def drain(self) -> None:
         if self.agent is not None:

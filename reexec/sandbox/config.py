@@ -9,6 +9,7 @@ from typing import Literal
 
 import msgspec
 
+from reexec.cas.config import StoreConfig
 from reexec.configtypes import ByteSize, ConfigStruct
 
 
@@ -73,6 +74,10 @@ class WorkerConfig(ConfigStruct):
     token_file: str | None = None
     """A file holding the scheduler's worker token (its `scheduler.worker_token_file`)."""
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
+    cas: StoreConfig | None = None
+    """`reexecd worker`: the store it reads inputs from and writes outputs to, e.g. a `shard`
+    of `grpc` stores on the storage nodes. Default: the scheduler's CAS (`worker.scheduler`).
+    It must hold the same blobs the scheduler's CAS does."""
 
 
 def platform_pairs(platform: dict[str, str | list[str]]) -> list[tuple[str, str]]:
