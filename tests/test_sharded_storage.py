@@ -2,7 +2,7 @@
 
 Actions run with inputs and outputs spread over both storage daemons; when one stops, its blobs
 are missing (FindMissingBlobs lists them; Execute answers FAILED_PRECONDITION with MISSING
-violations, so the client uploads them again), never INTERNAL.
+violations), never INTERNAL; uploaded again, they land on the remaining shard and actions run.
 """
 
 from __future__ import annotations
@@ -96,5 +96,13 @@ async def test_execute_over_a_shard_of_two_storage_daemons(aio_loop, tmp_path, n
         assert ex.error.status is Status.FAILED_PRECONDITION
         assert [v.type for d in ex.error.details for v in d.violations] == ["MISSING"]
         assert daemon.cas.stats()["shard_failures"] >= 1
+        # The client uploads what was lost: it lands on the remaining shard and the action runs.
+        i = digests.index(lost)
+        again = await upload_action(channel, ["sh", "-c", f"echo out-{i}"], salt=f"s{i}")
+        assert again.hash == lost.hash
+        ex = ExecuteCall(channel, execute_request(again, skip_cache_lookup=True))
+        with trio.fail_after(30):
+            await ex.run()
+        assert ex.response.status.code == 0 and ex.response.result.exit_code == 0
     finally:
         channel.close()

@@ -44,3 +44,10 @@ def pick(shards: Sequence[Shard], key: bytes) -> int:
     if best < 0:
         raise ValueError("no shard has a positive weight")
     return best
+
+
+def rank(shards: Sequence[Shard], key: bytes) -> list[int]:
+    """Indexes of the shards with a positive weight, best owner of `key` first: where a key goes
+    when its owner is down (the next one), stable like `pick`."""
+    scored = [(score(s, key), i) for i, s in enumerate(shards) if s.weight > 0]
+    return [i for _, i in sorted(scored, reverse=True)]

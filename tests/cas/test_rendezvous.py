@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reexec.cas.rendezvous import Shard, pick
+from reexec.cas.rendezvous import Shard, pick, rank
 
 KEYS = [f"{i:064x}".encode() for i in range(20_000)]
 
@@ -62,3 +62,13 @@ def test_pick_is_deterministic(names: list[str], key: bytes) -> None:
     shards = [Shard(n) for n in names]
     assert pick(shards, key) == pick(list(shards), key)
     assert 0 <= pick(shards, key) < len(shards)
+
+
+def test_rank_starts_with_the_owner_and_its_tail_is_stable() -> None:
+    shards = [Shard("a"), Shard("b", 2), Shard("c"), Shard("z", 0)]
+    for k in KEYS[:2000]:
+        order = rank(shards, k)
+        assert order[0] == pick(shards, k) and sorted(order) == [0, 1, 2]
+        # Without the owner, the next in rank owns the key.
+        rest = [shards[i] for i in order[1:]]
+        assert rest[pick(rest, k)].name == shards[order[1]].name

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import trio
 
 from reexec.cas.digest import Digest, digest_of
 from reexec.cas.filesystem import FilesystemStore
@@ -65,9 +66,9 @@ async def test_blobs_spread_by_weight_and_each_lives_in_one_shard() -> None:
     assert await store.find_missing(digests) == []
 
 
-async def test_a_failed_shard_makes_its_blobs_missing_not_an_error() -> None:
+async def test_a_failed_shard_makes_its_blobs_missing_and_writes_go_to_the_next() -> None:
     up, down = MemoryStore(0), Down(0)
-    store = ShardStore([("up", 1, up), ("down", 1, down)])
+    store = ShardStore([("up", 1, up), ("down", 1, down)], retry_after_s=0.3)
     digests = []
     for i in range(40):
         data = blob(80, i)
@@ -75,18 +76,38 @@ async def test_a_failed_shard_makes_its_blobs_missing_not_an_error() -> None:
         digests.append(d)
         await store.put_bytes(d, data)
     on_down = [d for d in digests if store.shard_of(d) == 1]
-    assert on_down
+    assert on_down and not await down.find_missing(on_down)
     down.down = True
+    # Missing, never an error: clients upload them again.
     assert await store.find_missing(digests) == on_down
+    assert store.stats()["shards_down"] == 1
     with pytest.raises(BlobNotFound):
         await store.get_bytes(on_down[0])
-    with pytest.raises(Unavailable):
-        await store.put_bytes(on_down[0], blob(80, digests.index(on_down[0])))
-    survivor = next(d for d in digests if d not in on_down)
-    assert await read_all(store, survivor) == blob(80, digests.index(survivor))
+    # The upload lands on the next shard and is served from there while "down" is down.
+    lost = on_down[0]
+    data = blob(80, digests.index(lost))
+    await store.put_bytes(lost, data)
+    assert await up.has(lost) and await store.get_bytes(lost) == data
+    assert await read_all(store, lost) == data
+    assert lost not in await store.find_missing(digests)
+    # Back up: blobs are looked up on their owner again.
     down.down = False
+    await trio.sleep(0.35)
     assert await store.find_missing(digests) == []
-    assert store.stats()["shard_failures"] >= 3
+    assert store.stats()["shards_down"] == 0 and store.stats()["shard_failures"] >= 1
+
+
+async def test_every_shard_down() -> None:
+    a, b = Down(0), Down(0)
+    store = ShardStore([("a", 1, a), ("b", 1, b)])
+    d = digest_of(b"x")
+    await store.put_bytes(d, b"x")
+    a.down = b.down = True
+    assert await store.find_missing([d]) == [d]
+    with pytest.raises(BlobNotFound):
+        await store.get_bytes(d)
+    with pytest.raises(Unavailable):
+        await store.put_bytes(digest_of(b"y"), b"y")
 
 
 async def test_limit_is_the_smallest_shard_limit() -> None:
