@@ -34,6 +34,7 @@ from reexec.sandbox.confine import ConfineMode, ConfineSpec, bwrap_argv
 from reexec.sandbox.confine_setup import HostUser, as_user, make_searchable
 from reexec.sandbox.ns_watch import NamespaceWatch
 from reexec.sandbox.runner import RunRequest, RunResult, SandboxUnavailable
+from reexec.sandbox.spawner import SpawnedProcess, spawn
 
 __all__ = ["run_confined"]
 
@@ -80,7 +81,9 @@ async def run_confined(
         )
         with trio.CancelScope(shield=True):  # a process once started must be supervised
             try:
-                proc = await trio.lowlevel.open_process(
+                # From the spawner's long-lived thread: --die-with-parent follows the thread
+                # that forked bwrap, and Trio's worker threads exit after 10 s idle.
+                proc = await spawn(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=fds[0],
@@ -123,7 +126,7 @@ async def run_confined(
         watch.close()
 
 
-async def _supervise(proc: trio.Process, timeout_s: float, grace_s: float) -> tuple[int, bool]:
+async def _supervise(proc: SpawnedProcess, timeout_s: float, grace_s: float) -> tuple[int, bool]:
     """Wait for bwrap (pidfd, without reaping) within the time limit; end its group on timeout
     or cancellation; reap it only after a final SIGKILL of the group, so the group's ID cannot
     have been reused by then."""
