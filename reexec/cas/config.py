@@ -105,8 +105,20 @@ class CompletenessCheckingActionCacheConfig(TaggedConfigStruct, tag="completenes
     inner: ActionCacheConfig
 
 
+class GrpcActionCacheConfig(TaggedConfigStruct, tag="grpc"):
+    """The action cache of another REAPI endpoint (a storage node), shared by its clients."""
+
+    url: str
+    """grpc://HOST:PORT or grpcs://HOST:PORT."""
+    tls_ca: str | None = None
+    timeout_s: float = 60.0
+
+
 ActionCacheConfig = Union[  # noqa: UP007
-    MemoryActionCacheConfig, FilesystemActionCacheConfig, CompletenessCheckingActionCacheConfig
+    MemoryActionCacheConfig,
+    FilesystemActionCacheConfig,
+    CompletenessCheckingActionCacheConfig,
+    GrpcActionCacheConfig,
 ]
 
 

@@ -9,6 +9,7 @@ from reexec.cas.action_cache import ActionCache, FilesystemActionCache, MemoryAc
 from reexec.cas.completeness import CompletenessCheckingActionCache
 from reexec.cas.fast_slow import FastSlowStore
 from reexec.cas.filesystem import FilesystemStore
+from reexec.cas.grpc_action_cache import GrpcActionCache
 from reexec.cas.grpc_store import GrpcStore, channel_factory
 from reexec.cas.memory import MemoryStore
 from reexec.cas.shard import ShardStore
@@ -71,6 +72,12 @@ async def build_action_cache(spec: c.ActionCacheConfig, data_dir: Path, cas: Sto
         ac = FilesystemActionCache(_path(data_dir, spec.path), parse_size(spec.max_bytes))
         await ac.start()
         return ac
+    if isinstance(spec, c.GrpcActionCacheConfig):
+        return GrpcActionCache(
+            channel_factory(spec.url, tls_ca=spec.tls_ca),
+            timeout_s=spec.timeout_s,
+            endpoint=spec.url,
+        )
     if isinstance(spec, c.CompletenessCheckingActionCacheConfig):
         return CompletenessCheckingActionCache(
             await build_action_cache(spec.inner, data_dir, cas), cas

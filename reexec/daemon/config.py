@@ -15,6 +15,7 @@ import msgspec
 
 from reexec.cas.config import (
     ActionCacheConfig,
+    GrpcActionCacheConfig,
     GrpcStoreConfig,
     ShardStoreConfig,
     StoreConfig,
@@ -176,6 +177,7 @@ def check_semantics(config: Config, source: str) -> None:
     if not config.server.listen:
         fail("server.listen", "at least one address is required")
     _check_store("cas", config.cas, fail)
+    _check_store("action_cache", config.action_cache, fail)
     if config.worker.cas is not None:
         _check_store("worker.cas", config.worker.cas, fail)
     if config.server.max_connections < 0:
@@ -200,7 +202,7 @@ def check_semantics(config: Config, source: str) -> None:
 
 def _check_store(prefix: str, node: Any, fail: Any) -> None:
     """What msgspec's types cannot say about a store tree: URLs, shard names and weights."""
-    if isinstance(node, GrpcStoreConfig):
+    if isinstance(node, GrpcStoreConfig | GrpcActionCacheConfig):
         try:
             channel_factory(node.url, tls_ca=node.tls_ca)
         except ValueError as e:
