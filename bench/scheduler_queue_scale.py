@@ -35,7 +35,8 @@ from _sched_common import banner, median, table, verdict
 
 from reexec.cas.action_cache import MemoryActionCache
 from reexec.cas.digest import Digest, DigestFunction
-from reexec.sched.scheduler import ActionSpec, Scheduler, SchedulerSettings
+from reexec.sched.config import SchedulerConfig
+from reexec.sched.scheduler import ActionSpec, Scheduler
 from reexec.sched.state import Outcome
 
 RULES = {"os": "exact"}
@@ -67,7 +68,9 @@ def spec(key: tuple[tuple[str, str], ...]) -> ActionSpec:
 
 def new_scheduler() -> tuple[Scheduler, list]:
     s = Scheduler(
-        SchedulerSettings(rules=RULES, worker_timeout_s=1e9, client_action_timeout_s=0),
+        SchedulerConfig(
+            supported_platform_properties=RULES, worker_timeout_s=1e9, client_action_timeout_s=0
+        ),
         MemoryActionCache(1 << 30),
     )
     workers = []

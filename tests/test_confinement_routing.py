@@ -18,7 +18,7 @@ add = { name = "confinement", value = "input_root" }
 
 
 def test_bazel_and_buildstream_reach_their_workers() -> None:
-    settings = msgspec.toml.decode(CONFIG, type=SchedulerConfig).settings()
+    settings = msgspec.toml.decode(CONFIG, type=SchedulerConfig)
     workers = {
         mode: worker_properties(own_platform(mode).items())
         for mode in (ConfineMode.HOST, ConfineMode.INPUT_ROOT)

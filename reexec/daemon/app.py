@@ -160,7 +160,7 @@ class Daemon:
     async def _serve(self, uploads: UploadTable, task_status: trio.TaskStatus[None]) -> None:
         config = self.config
         if self.with_scheduler:
-            self.scheduler = Scheduler(config.scheduler.settings(), self.ac)
+            self.scheduler = Scheduler(config.scheduler, self.ac)
             # The web UI's memory of recent operations, fed by every transition.
             self.status.journal = Journal(
                 max_operations=config.status.journal_operations, wall=self.scheduler.wall

@@ -1,7 +1,8 @@
 """Configuration of the scheduler, and the settings the scheduler core runs with.
 
-`SchedulerConfig` is what a config file says; `settings()` derives the `SchedulerSettings` the
-core uses (parsed property modifiers and rules), so nothing outside this package mirrors fields.
+`SchedulerConfig` is both what a config file says and what the scheduler core runs with: the
+core reads its fields, plus a few properties derived from them (parsed property modifiers), so
+no other type mirrors its fields.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Literal
 import msgspec
 
 from reexec.configtypes import ConfigStruct
-from reexec.sched.matching import PropertyModifier
-from reexec.sched.settings import SchedulerSettings
+from reexec.sched.matching import PropertyModifier, Rule
+from reexec.sched.workers import AllocationStrategy
 
 
 class NameValue(ConfigStruct):
@@ -60,9 +61,7 @@ class SchedulerConfig(ConfigStruct):
     )
     """Platform property name -> exact | minimum | priority | ignore; others are refused.
     Replaces the default as a whole when set."""
-    allocation_strategy: Literal["least_recently_used", "most_recently_used"] = (
-        "least_recently_used"
-    )
+    allocation_strategy: AllocationStrategy = "least_recently_used"
     worker_timeout_s: float = 5.0
     """A worker silent this long is dropped (its stream closed) and its actions requeued."""
     client_action_timeout_s: float = 60.0
@@ -90,20 +89,19 @@ class SchedulerConfig(ConfigStruct):
     Unset: `reexecd serve` makes a random one for its local worker, so no client can register
     as a worker; `reexecd scheduler` accepts any worker and warns about it at start."""
 
-    def settings(self) -> SchedulerSettings:
-        """The settings the scheduler core runs with."""
-        modifiers = [m for c in self.property_modifier if (m := c.modifier()) is not None]
-        return SchedulerSettings(
-            rules=dict(self.supported_platform_properties),
-            modifiers=tuple(modifiers),
-            allocation=self.allocation_strategy,
-            worker_timeout_s=self.worker_timeout_s,
-            client_action_timeout_s=self.client_action_timeout_s,
-            max_action_executing_timeout_s=self.max_action_executing_timeout_s,
-            retain_completed_for_s=self.retain_completed_for_s,
-            max_job_retries=self.max_job_retries,
-            max_declines=self.max_declines,
-            max_live_operations=self.max_live_operations,
-            max_action_timeout_s=self.max_action_timeout_s,
-            default_action_timeout_s=self.default_action_timeout_s,
-        )
+    decline_pause_s: float = 1.0
+    """A worker that declined an action gets no new work for this long."""
+
+    # What the core reads, derived from the fields above (no copy of them anywhere else).
+
+    @property
+    def rules(self) -> dict[str, Rule]:
+        return self.supported_platform_properties
+
+    @property
+    def modifiers(self) -> tuple[PropertyModifier, ...]:
+        return tuple(m for c in self.property_modifier if (m := c.modifier()) is not None)
+
+    @property
+    def allocation(self) -> AllocationStrategy:
+        return self.allocation_strategy

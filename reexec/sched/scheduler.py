@@ -36,9 +36,9 @@ from reexec.cas.action_cache import ActionCache, ActionKey
 from reexec.cas.digest import Digest, DigestFunction
 from reexec.errors import FailedPrecondition, ResourceExhausted
 from reexec.sched.change_log import completion_label, log_change, observe_durations
+from reexec.sched.config import SchedulerConfig
 from reexec.sched.matching import QueueKey, matches, worker_properties
 from reexec.sched.queue import PlatformQueues
-from reexec.sched.settings import SchedulerSettings
 from reexec.sched.state import (
     CacheChecked,
     Cancel,
@@ -97,7 +97,7 @@ def action_key_of(op: Operation) -> ActionKey:
 
 
 class Scheduler:
-    def __init__(self, settings: SchedulerSettings, ac: ActionCache) -> None:
+    def __init__(self, settings: SchedulerConfig, ac: ActionCache) -> None:
         self.settings = settings
         self.ac = ac
         self.store = OperationStore()

@@ -34,8 +34,9 @@ from reexec.cas.tree_size import (
 )
 from reexec.errors import InvalidArgument, missing_blobs_error
 from reexec.rpc import check_instance
+from reexec.sched.config import SchedulerConfig
 from reexec.sched.matching import queue_key
-from reexec.sched.scheduler import ActionSpec, SchedulerSettings
+from reexec.sched.scheduler import ActionSpec
 
 # A level of the input tree with more than this many bytes of new Directory messages is parsed,
 # and a tree with more than this many bytes of new directories sized, in a worker thread: the
@@ -65,7 +66,7 @@ def _parse(cls: type, data: bytes, what: str, digest: Digest) -> fastpb.Message:
         ) from None
 
 
-def _timeout_s(action: fastpb.Message, settings: SchedulerSettings) -> float:
+def _timeout_s(action: fastpb.Message, settings: SchedulerConfig) -> float:
     if not action.HasField("timeout"):
         requested = 0.0
     else:
@@ -205,7 +206,7 @@ async def input_tree_size(
 async def validate_execute(
     request: fastpb.Message,
     cas: Store,
-    settings: SchedulerSettings,
+    settings: SchedulerConfig,
     instances: Sequence[str],
     tree_sizes: SizeCache | None = None,
 ) -> ActionSpec:

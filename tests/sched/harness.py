@@ -9,8 +9,9 @@ import trio
 
 from reexec.cas.action_cache import MemoryActionCache
 from reexec.cas.digest import Digest, DigestFunction
+from reexec.sched.config import SchedulerConfig
 from reexec.sched.matching import QueueKey
-from reexec.sched.scheduler import ActionSpec, Scheduler, SchedulerSettings
+from reexec.sched.scheduler import ActionSpec, Scheduler
 from reexec.sched.state import Operation
 from reexec.sched.workers import WorkerState
 
@@ -43,7 +44,7 @@ def spec(
 class Harness:
     def __init__(self, **settings: Any) -> None:
         self.ac = MemoryActionCache(1 << 20)
-        self.s = Scheduler(SchedulerSettings(**settings), self.ac)
+        self.s = Scheduler(SchedulerConfig(**settings), self.ac)
         self.inboxes: dict[str, trio.MemoryReceiveChannel[tuple[str, str, int]]] = {}
 
     def worker(

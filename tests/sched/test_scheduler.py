@@ -146,7 +146,7 @@ async def test_cancel_during_cache_check(clock: trio.testing.MockClock) -> None:
 
 
 async def test_priority_then_fifo_dispatch_order(clock: trio.testing.MockClock) -> None:
-    h = Harness(rules=RULES)
+    h = Harness(supported_platform_properties=RULES)
     names = {}
     for tag, prio in [("a", 5), ("b", 0), ("c", 5), ("d", -1), ("e", 0)]:
         op, _ = await h.submit(tag, priority=prio, queue_key=LINUX if tag in "ce" else ())
@@ -183,7 +183,7 @@ async def test_requeued_operation_goes_behind_its_priority(clock: trio.testing.M
 async def test_unmatched_operations_wait_for_a_matching_worker(
     clock: trio.testing.MockClock,
 ) -> None:
-    h = Harness(rules=RULES)
+    h = Harness(supported_platform_properties=RULES)
     big, _ = await h.submit("big", queue_key=(("cores", "8"),))
     small, _ = await h.submit("small", queue_key=(("cores", "2"),))
     h.worker("small-worker", [("cores", "4")], max_inflight=4)
@@ -229,7 +229,7 @@ async def test_several_slots_fill_in_one_pass(clock: trio.testing.MockClock) -> 
 
 @pytest.mark.parametrize("strategy", ["least_recently_used", "most_recently_used"])
 async def test_worker_choice(clock: trio.testing.MockClock, strategy: str) -> None:
-    h = Harness(allocation=strategy)
+    h = Harness(allocation_strategy=strategy)
     for wid in ("w1", "w2", "w3"):
         h.worker(wid, max_inflight=2)
     got = []

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 import reexec.sched.scheduler as scheduler_module
 from reexec.cas.action_cache import MemoryActionCache
 from reexec.errors import FailedPrecondition
+from reexec.sched.config import SchedulerConfig
 from reexec.sched.matching import queue_key
-from reexec.sched.scheduler import Scheduler, SchedulerSettings, action_key_of
+from reexec.sched.scheduler import Scheduler, action_key_of
 from reexec.sched.state import Operation, Outcome, Stage
 from reexec.sched.workers import WorkerState
 from tests.sched.harness import spec
@@ -50,8 +51,8 @@ TAGS = ["a", "b", "c", "d", "e", "f"]  # the action pool; tag i runs on PLATFORM
 CACHED_TAGS = {"e"}  # pre-populated in the action cache
 WORKER_IDS = ["w0", "w1", "w2", "w3"]
 
-SETTINGS = SchedulerSettings(
-    rules=RULES,
+SETTINGS = SchedulerConfig(
+    supported_platform_properties=RULES,
     worker_timeout_s=5.0,
     client_action_timeout_s=10.0,
     max_action_executing_timeout_s=8.0,
