@@ -4,41 +4,25 @@ the worker token it presents."""
 from __future__ import annotations
 
 import socket
-import ssl
-from collections.abc import Awaitable, Callable
 
 import trio
 import trio_asyncio
 from grpclib.client import Channel
 
+from reexec.cas.grpc_store import ChannelFactory, channel_factory
 from reexec.daemon.config import Config, ConfigError
 from reexec.rpc import StatusDetailsCodec
 
-ChannelFactory = Callable[[], Awaitable[Channel]]
-
 
 def scheduler_channel_factory(config: Config) -> ChannelFactory:
-    """Connects to `worker.scheduler` (grpc:// or grpcs://)."""
+    """Connects to `worker.scheduler` (grpc:// or grpcs://, verified with `worker.tls_ca`)."""
     url = config.worker.scheduler
     if not url:
         raise ConfigError("worker.scheduler: required for `reexecd worker` (or pass --scheduler)")
-    scheme, _, rest = url.partition("://")
-    host, _, port = rest.rpartition(":")
-    ctx = None
-    if scheme == "grpcs":
-        ctx = ssl.create_default_context(cafile=config.worker.tls_ca)
-        ctx.set_alpn_protocols(["h2"])
-
-    async def make() -> Channel:
-        # grpclib's Channel looks up the running asyncio loop, so it is made on that side.
-        async def inner() -> Channel:
-            return Channel(
-                host.strip("[]"), int(port), ssl=ctx, status_details_codec=StatusDetailsCodec()
-            )
-
-        return await trio_asyncio.aio_as_trio(inner)()
-
-    return make
+    try:
+        return channel_factory(url, tls_ca=config.worker.tls_ca)
+    except ValueError as e:
+        raise ConfigError(f"worker.scheduler: {e}") from None
 
 
 def unix_channel_factory(path: str) -> ChannelFactory:
