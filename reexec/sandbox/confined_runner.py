@@ -7,10 +7,9 @@ command line comes from `confine.bwrap_argv`, bwrap is started as the unprivileg
 namespace is empty (`ns_watch.NamespaceWatch`), so no process the action started, double-forked
 or `setsid` or ignoring SIGTERM, can still write when outputs are collected.
 
-Ending early (timeout or cancellation): SIGTERM to bwrap's process group; bwrap dies of it and,
-through `--die-with-parent`, its PID 1 and with it the whole namespace get SIGKILL. So a
-confined command has no SIGTERM grace period of its own: `kill_grace_s` only bounds how long
-bwrap may take. Differences from the plain runner: a command that cannot be executed makes
+Ending early (timeout or cancellation): SIGTERM to the command's process group inside the
+sandbox, then, if bwrap has not exited within `kill_grace_s`, SIGKILL to bwrap's group; through
+`--die-with-parent` its PID 1 and with it the whole namespace then get SIGKILL. Differences from the plain runner: a command that cannot be executed makes
 bwrap exit 1 with "bwrap: execvp ...: No such file or directory" on stderr, not 126/127
 (checked ahead in `host` mode, where the host's file system is the action's, so the usual
 126/127 result still comes back there); `run_as` is replaced by `user`.
@@ -25,6 +24,7 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,7 +105,10 @@ async def run_confined(
             nursery.start_soon(watch.watch)
             try:
                 exit_code, timed_out = await _supervise(
-                    proc, request.timeout_s, request.kill_grace_s
+                    proc,
+                    request.timeout_s,
+                    request.kill_grace_s,
+                    lambda: _children(watch.child_pid),
                 )
             finally:
                 # Also when cancelled: whoever removes the work directory next must not race
@@ -126,10 +129,21 @@ async def run_confined(
         watch.close()
 
 
-async def _supervise(proc: SpawnedProcess, timeout_s: float, grace_s: float) -> tuple[int, bool]:
-    """Wait for bwrap (pidfd, without reaping) within the time limit; end its group on timeout
-    or cancellation; reap it only after a final SIGKILL of the group, so the group's ID cannot
-    have been reused by then."""
+async def _supervise(
+    proc: SpawnedProcess,
+    timeout_s: float,
+    grace_s: float,
+    commands: Callable[[], list[int]] = list,
+) -> tuple[int, bool]:
+    """Wait for bwrap (pidfd, without reaping) within the time limit; end the action on timeout
+    or cancellation; reap bwrap only after a final SIGKILL of its group, so the group's ID
+    cannot have been reused by then.
+
+    Ending: SIGTERM to the command's process group inside the sandbox (`commands()`: the
+    children of bwrap's PID 1, whose group after `--new-session` is the PID 1's own; a PID 1
+    signalled from outside its namespace ignores signals it has no handler for), so the command
+    sees SIGTERM as it would unconfined; if bwrap is still there after `grace_s`, SIGKILL to bwrap's
+    group, and the namespace dies with it (`--die-with-parent`)."""
     pidfd = os.pidfd_open(proc.pid)
     timed_out = False
 
@@ -137,7 +151,16 @@ async def _supervise(proc: SpawnedProcess, timeout_s: float, grace_s: float) -> 
         await trio.lowlevel.wait_readable(pidfd)
 
     async def end_group() -> None:
-        _killpg(proc.pid, signal.SIGTERM)
+        targets = []
+        for pid in commands():
+            try:
+                targets.append(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for pgid in set(targets):
+            _killpg(pgid, signal.SIGTERM)
+        if not targets:  # not started yet, or no /proc children list: bwrap itself
+            _killpg(proc.pid, signal.SIGTERM)
         with trio.move_on_after(grace_s):
             await exited()
             return
@@ -164,6 +187,17 @@ async def _supervise(proc: SpawnedProcess, timeout_s: float, grace_s: float) -> 
     finally:
         os.close(pidfd)
     return (128 - returncode if returncode < 0 else returncode), timed_out
+
+
+def _children(pid: int | None) -> list[int]:
+    """Host PIDs of `pid`'s children (bwrap's PID 1: the command), [] if unknown."""
+    if pid is None:
+        return []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _killpg(pgid: int, sig: int) -> None:

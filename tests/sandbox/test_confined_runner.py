@@ -92,3 +92,12 @@ async def test_cancellation_kills_the_namespace(root: Path) -> None:
         await run(root, request(root, script))
     await trio.sleep(3)
     assert not (root / "marker").exists()
+
+
+async def test_timeout_sends_sigterm_to_the_command_first(root: Path) -> None:
+    script = "trap 'echo got-term; exit 3' TERM; sleep 100 & wait"
+    t0 = time.monotonic()
+    result = await run(root, request(root, script, timeout_s=0.5))
+    assert result.timed_out and result.exit_code == 3
+    assert read(root.parent / "stdout") == "got-term\n"
+    assert time.monotonic() - t0 < 2  # it exited on SIGTERM: no wait for the grace period
