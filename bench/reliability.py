@@ -434,7 +434,8 @@ async def bad_client(target: str, stats: Stats, stop: asyncio.Event, pause: floa
                         stats.bad_failures.append(f"{kind}: {code} {e.details()!r}"[:300])
                 stats.bad_tried[kind] += 1
                 stats.bad_codes.setdefault(kind, collections.Counter())[code] += 1
-                await asyncio.sleep(pause)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), pause)
     finally:
         await c.close()
 
