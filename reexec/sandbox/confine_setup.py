@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_CONFINED_USER",
     "HostUser",
     "as_user",
+    "become_subreaper",
     "confinement_problem",
     "find_bwrap",
     "host_user",
@@ -131,3 +132,22 @@ def confinement_problem(bwrap: str | None, user: HostUser | None) -> str | None:
             f"container policy forbidding unshare)"
         )
     return None
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (prctl PR_SET_CHILD_SUBREAPER).
+
+    bwrap's PID 1 can outlive bwrap by a moment; it is then re-parented, and an init that does
+    not reap (some container inits) would collect one zombie per action. As a subreaper the
+    worker gets it instead, and `run_confined` reaps it. Returns whether it worked.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False

@@ -117,6 +117,8 @@ async def run_confined(
                 with trio.CancelScope(shield=True):
                     gone = await watch.wait_gone(_NAMESPACE_GONE_TIMEOUT_S)
                 nursery.cancel_scope.cancel()
+                if gone:
+                    _reap_orphan(watch.child_pid)
         if not gone:
             raise SandboxUnavailable(
                 f"the action's PID namespace (PID 1 = host PID {watch.child_pid}) was still "
@@ -187,6 +189,17 @@ async def _supervise(
     finally:
         os.close(pidfd)
     return (128 - returncode if returncode < 0 else returncode), timed_out
+
+
+def _reap_orphan(pid: int | None) -> None:
+    """Reap bwrap's PID 1 if it was handed to this process (a child subreaper, see
+    `confine_setup.become_subreaper`) when bwrap exited first; else its new parent does."""
+    if pid is None:
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not ours: reaped by bwrap, or by PID 1 where this process is no subreaper
 
 
 def _children(pid: int | None) -> list[int]:

@@ -21,6 +21,7 @@ from reexec.sandbox.cas_access import CasAccess
 from reexec.sandbox.config import WorkerConfig, platform_pairs
 from reexec.sandbox.confine import ConfineMode
 from reexec.sandbox.confine_setup import (
+    become_subreaper,
     confinement_problem,
     find_bwrap,
     host_user,
@@ -123,6 +124,7 @@ def _confinement(
     except ValueError as e:
         raise WorkerSetupError(f"{key}: worker.sandbox: {e}") from None
     bwrap = find_bwrap()
+    become_subreaper()  # bwrap's PID 1 may outlive bwrap: this worker reaps it
     problem = confinement_problem(bwrap, user)
     if problem is not None or bwrap is None:
         raise WorkerSetupError(f"{key}: actions cannot be confined here: {problem}{off}")

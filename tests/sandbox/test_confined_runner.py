@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from reexec.sandbox.confine import ConfineMode, ConfineSpec
+from reexec.sandbox.confine_setup import become_subreaper
 from reexec.sandbox.confined_runner import run_confined
 from reexec.sandbox.runner import RunRequest
 from tests.sandbox.test_confine import BWRAP, USER, make_searchable, needs_bwrap
@@ -101,3 +102,28 @@ async def test_timeout_sends_sigterm_to_the_command_first(root: Path) -> None:
     assert result.timed_out and result.exit_code == 3
     assert read(root.parent / "stdout") == "got-term\n"
     assert time.monotonic() - t0 < 2  # it exited on SIGTERM: no wait for the grace period
+
+
+def _zombie_children() -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            out.append(int(entry))
+    return out
+
+
+async def test_bwraps_pid_1_is_reaped_by_the_subreaper_worker(root: Path) -> None:
+    assert become_subreaper()
+    before = set(_zombie_children())
+    for script in ("true", f'setsid sh -c "sleep 1; echo x > {root}/m" & exit 0'):
+        result = await run(root, request(root, script))
+        assert result.exit_code == 0
+    await trio.sleep(0.2)
+    assert set(_zombie_children()) <= before
