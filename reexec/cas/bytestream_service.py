@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 WRITE_BATCH = 1 << 20
 # Decompressed output of a zstd upload reaches the writer in pieces of at most this size.
 ZSTD_OUTPUT_CHUNK = 1 << 20
+# zstd input handed to the decompressor at a time; output is checked against the limit between
+# slices (at most a few tens of MiB of decompression work past it, then the upload is refused).
+ZSTD_INPUT_SLICE = 4096
 # Resumable uploads open at once in one server unless configured otherwise.
 DEFAULT_MAX_OPEN_UPLOADS = 512
 
@@ -109,23 +112,23 @@ def max_compressed_size(size: int) -> int:
     return size + (size >> 7) + (64 << 10)
 
 
-class _TooMuchOutput(Exception):
-    pass
-
-
 class _BoundedSink:
-    """Collects decompressed output, refusing more than `limit` bytes in total."""
+    """Collects decompressed output up to `limit` bytes in total; past it, drops the output and
+    sets `overflow` (raising from here would leak: python-zstandard's stream_writer does not
+    free its output buffer when the sink's write raises)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.total = 0
+        self.overflow = False
         self.parts: list[bytes] = []
 
     def write(self, data: bytes) -> int:
         self.total += len(data)
         if self.total > self.limit:
-            raise _TooMuchOutput
-        self.parts.append(data)
+            self.overflow = True
+        else:
+            self.parts.append(data)
         return len(data)
 
 
@@ -138,22 +141,40 @@ class BoundedZstd:
 
     def __init__(self, declared_size: int) -> None:
         self._sink = _BoundedSink(declared_size)
-        self._writer = zstandard.ZstdDecompressor().stream_writer(
+        self._writer: Any = zstandard.ZstdDecompressor().stream_writer(
             self._sink, write_size=ZSTD_OUTPUT_CHUNK, write_return_read=True, closefd=False
         )
+
+    def release(self) -> None:
+        """Free the decompression context and its buffers (several MiB for a large window) now:
+        a failed upload's error and its traceback may be kept a while by whoever reports it."""
+        self._writer = None
+        self._sink.parts.clear()
 
     def decompress(self, data: bytes) -> bytes:
         """The plain bytes `data` completes. Raises InvalidArgument for corrupt data or output
         beyond the declared size. Thread-safe only in the sense that one upload is fed by one
         stream at a time (the upload's `busy` flag)."""
+        if self._writer is None:
+            raise InvalidArgument("this zstd upload already failed")
+        # No local reference to the writer: an error's traceback keeps this frame's locals,
+        # and whoever reports the error may keep it (with several MiB of zstd window) a while.
+        view = memoryview(data)
         try:
-            self._writer.write(data)
-        except _TooMuchOutput:
-            raise InvalidArgument(
-                f"zstd data decompresses to more than the declared {self._sink.limit} bytes"
-            ) from None
+            # Fed in slices, checking between them: one slice can expand to at most ~30,000
+            # times its size, so a bomb is stopped after a bounded amount of work.
+            for start in range(0, len(view), ZSTD_INPUT_SLICE):
+                self._writer.write(view[start : start + ZSTD_INPUT_SLICE])
+                if self._sink.overflow:
+                    self.release()
+                    raise InvalidArgument(
+                        f"zstd data decompresses to more than the declared {self._sink.limit} bytes"
+                    )
         except zstandard.ZstdError as e:
+            self.release()
             raise InvalidArgument(f"invalid zstd data: {e}") from None
+        finally:
+            view.release()
         out = b"".join(self._sink.parts)
         self._sink.parts.clear()
         return out
@@ -440,6 +461,8 @@ class ByteStreamService(Service):
     async def _abandon(self, key: str) -> None:
         up = self.uploads.uploads.pop(key, None)
         if up is not None:
+            if up.decompressor is not None:
+                up.decompressor.release()
             await up.writer.abort()
 
     # -- QueryWriteStatus -------------------------------------------------------------------

@@ -503,16 +503,6 @@ def _zstd_bomb_batch(client: RawClient) -> Outcome:
         pytest.param(
             _zstd_bomb_write,
             id="ByteStream-Write",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 9 item F7: every zstd ByteStream Write refused for decompressing "
-                "beyond its declared size leaks ~1.4 MiB in the server (40 requests: +58 MiB RSS, "
-                "for ever): bytestream_service.py BoundedZstd feeds a zstandard 0.25.0 "
-                "stream_writer whose sink raises _TooMuchOutput, and python-zstandard does not "
-                "free its write_size (ZSTD_OUTPUT_CHUNK, 1 MiB) output buffer on that error path; "
-                "a pull-based ZstdDecompressor().stream_reader(...).read(n) avoids raising "
-                "through C",
-            ),
         ),
         pytest.param(_zstd_bomb_batch, id="BatchUpdateBlobs"),
     ],
