@@ -14,6 +14,7 @@ __all__ = (
     "ProgressPhase",
     "Register",
     "Registered",
+    "RunningAttempt",
     "SchedulerMessage",
     "StartExecute",
     "WorkerApiBase",
@@ -182,7 +183,25 @@ class Register(betterproto2.Message):
 
     running_operations: "list[str]" = betterproto2.field(4, betterproto2.TYPE_STRING, repeated=True)
     """
-    Operations it is still running from an earlier connection (after a reconnect).
+    Operations it is still running from an earlier connection (after a reconnect). Kept for
+    schedulers that do not read `running`; the same names as there.
+    """
+
+    running: "list[RunningAttempt]" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    Exactly the attempts it still runs from an earlier connection, possibly to another
+    scheduler: a scheduler that shares the operations' state adopts them (their Finished will
+    come on this stream); one that does not knows them as stale and cancels them.
+    """
+
+    pending_results: "list[RunningAttempt]" = betterproto2.field(
+        6, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    Attempts that finished while the worker had no connection: it holds their Finished and
+    sends them on this stream right after Registered, before it accepts any StartExecute.
     """
 
 
@@ -200,6 +219,20 @@ class Registered(betterproto2.Message):
 
 
 default_message_pool.register_message("reexec.worker.v1", "Registered", Registered)
+
+
+@dataclass(eq=False, repr=False)
+class RunningAttempt(betterproto2.Message):
+    """
+    One attempt of an operation, as in StartExecute.
+    """
+
+    operation_name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    attempt: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
+
+
+default_message_pool.register_message("reexec.worker.v1", "RunningAttempt", RunningAttempt)
 
 
 @dataclass(eq=False, repr=False)
