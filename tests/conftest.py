@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +17,7 @@ from grpclib.client import Channel
 from reexec.daemon.app import Daemon, run_daemon
 from reexec.daemon.config import Config, SchedulerConfig, ServerConfig
 from reexec.rpc import StatusDetailsCodec
+from tests.redis_server import RedisServer
 
 T = TypeVar("T")
 
@@ -73,3 +76,26 @@ async def collect(agen_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> lis
         return [item async for item in agen_fn(*args, **kwargs)]
 
     return await trio_asyncio.aio_as_trio(run)()
+
+
+# -- Redis ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh redis-server on a unix socket in a short temp dir (AF_UNIX paths are short),
+    stopped at teardown; `.stop()` / `.start()` restart it on the same socket."""
+    directory = Path(tempfile.mkdtemp(prefix="reexec-redis-"))
+    server = RedisServer(directory)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """`unix:///.../redis.sock` of a fresh redis-server."""
+    return redis_server.url
