@@ -12,6 +12,9 @@ code: a grpclib handler crosses into Trio first (an asyncio task calling coredis
 breaks the pool). `ClientHost` does the entering for objects that are built and closed rather
 than run (the action cache).
 
+coredis is imported only when a client is made (importing it takes ~0.3 s, which every
+`reexecd` command would pay just to parse its config).
+
 Errors: `redis_errors(what)` turns everything that means "Redis cannot answer now" (refused or
 lost connection, timeout, still loading, read-only replica, out of memory) into
 `RedisUnavailable`, an `Unavailable` (gRPC UNAVAILABLE, so clients retry). The pool reconnects
@@ -23,18 +26,19 @@ from __future__ import annotations
 import logging
 import math
 import ssl
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import coredis
-import coredis.exceptions
 import trio
-from coredis.retry import ConstantRetryPolicy
 
 from reexec.errors import Unavailable
+
+if TYPE_CHECKING:
+    import coredis
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +157,10 @@ def connect(
     a fresh connection; nothing else is retried here, so a caller waits at most about
     2 x `timeout_s` before `RedisUnavailable`. ValueError for a bad URL or timeout.
     """
+    import coredis
+    from coredis.exceptions import ConnectionError as RedisConnectionError
+    from coredis.retry import ConstantRetryPolicy
+
     target = parse_url(url)
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"Redis timeout must be > 0 seconds, not {timeout_s!r}")
@@ -168,9 +176,7 @@ def connect(
         "decode_responses": False,
         # Only a dead connection is retried (at once, on a new one): a timeout is not, or
         # each caller would wait several timeouts while Redis hangs.
-        "retry_policy": ConstantRetryPolicy(
-            (coredis.exceptions.ConnectionError,), retries=1, delay=0
-        ),
+        "retry_policy": ConstantRetryPolicy((RedisConnectionError,), retries=1, delay=0),
     }
     if target.path is not None:
         return coredis.Redis(unix_socket_path=target.path, **kwargs)
@@ -181,28 +187,34 @@ def connect(
     return coredis.Redis(host=target.host, port=target.port, **kwargs)
 
 
-# What "Redis cannot answer now" looks like. coredis.ConnectionError covers refused, lost and
-# timed-out connects, protocol errors and LOADING; TimeoutError (the builtin) is a reply that did
-# not come within stream_timeout; ReadOnlyError a replica after a failover.
-_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    coredis.exceptions.ConnectionError,
-    coredis.exceptions.ReadOnlyError,
-    TimeoutError,
-    OSError,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-)
+# Error replies that mean "not now" rather than "wrong command" (coredis keeps the code in the
+# message of a ResponseError when it has no class for it).
 _UNAVAILABLE_REPLIES = ("OOM ", "MISCONF ", "MASTERDOWN ", "LOADING ", "BUSY ", "TRYAGAIN ")
 
 
 def is_unavailable(e: BaseException) -> bool:
-    """True if `e` means Redis could not answer now (as opposed to a bug in the command)."""
-    if isinstance(e, _UNAVAILABLE_ERRORS):
+    """True if `e` means Redis could not answer now (as opposed to a bug in the command).
+
+    coredis.ConnectionError covers refused, lost and timed-out connects, protocol errors and
+    LOADING; TimeoutError (the builtin) is a reply that did not come within the timeout;
+    ReadOnlyError a replica after a failover.
+    """
+    if isinstance(
+        e,
+        TimeoutError
+        | OSError
+        | trio.TooSlowError
+        | trio.BrokenResourceError
+        | trio.ClosedResourceError,
+    ):
         return True
-    return isinstance(e, coredis.exceptions.ResponseError) and str(e).startswith(
-        _UNAVAILABLE_REPLIES
-    )
+    if "coredis" not in sys.modules:
+        return False
+    from coredis.exceptions import ConnectionError, ReadOnlyError, ResponseError
+
+    if isinstance(e, ConnectionError | ReadOnlyError):
+        return True
+    return isinstance(e, ResponseError) and str(e).startswith(_UNAVAILABLE_REPLIES)
 
 
 @contextmanager

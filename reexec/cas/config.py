@@ -9,7 +9,8 @@ from typing import Annotated, Union
 
 import msgspec
 
-from reexec.configtypes import ByteSize, TaggedConfigStruct
+from reexec.configtypes import ByteSize, TaggedConfigStruct, parse_size
+from reexec.redis_client import parse_url
 
 # -- CAS stores -------------------------------------------------------------------------------
 
@@ -114,11 +115,42 @@ class GrpcActionCacheConfig(TaggedConfigStruct, tag="grpc"):
     timeout_s: float = 60.0
 
 
+class RedisActionCacheConfig(TaggedConfigStruct, tag="redis"):
+    """Entries in Redis, shared by every frontend and scheduler that names the same Redis and
+    `key_prefix`. Put `completeness_checking` on top, as for any action cache."""
+
+    url: str
+    """redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or unix:///path/redis.sock?db=N."""
+    key_prefix: str = "reexec:"
+    """Every key starts with it (then `ac/`), so several deployments can share one Redis."""
+    ttl_s: float = 7 * 24 * 3600.0
+    """Entries not read or written for this long expire (each hit renews it); 0: never, and
+    Redis's maxmemory-policy alone bounds the cache."""
+    max_entry_bytes: ByteSize = "1MiB"
+    """Larger ActionResults are refused (RESOURCE_EXHAUSTED)."""
+    timeout_s: float = 5.0
+    """Bounds connecting and each reply; past it a call answers UNAVAILABLE."""
+    tls_ca: str | None = None
+    """CA bundle to verify a rediss:// server (default: the system's CAs)."""
+    max_connections: int = 64
+
+    def __post_init__(self) -> None:
+        parse_url(self.url)
+        parse_size(self.max_entry_bytes)
+        if not (self.timeout_s > 0 and self.timeout_s != float("inf")):
+            raise ValueError("timeout_s must be a positive number of seconds")
+        if not self.ttl_s >= 0:
+            raise ValueError("ttl_s must be 0 (no expiry) or a positive number of seconds")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+
+
 ActionCacheConfig = Union[  # noqa: UP007
     MemoryActionCacheConfig,
     FilesystemActionCacheConfig,
     CompletenessCheckingActionCacheConfig,
     GrpcActionCacheConfig,
+    RedisActionCacheConfig,
 ]
 
 
