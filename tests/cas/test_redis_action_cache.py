@@ -26,6 +26,7 @@ from reexec.cas.digest import DigestFunction, digest_of
 from reexec.cas.factory import build_action_cache
 from reexec.cas.memory import MemoryStore
 from reexec.cas.redis_action_cache import RedisActionCache
+from reexec.daemon.config import ConfigError, load_config
 from reexec.errors import ResourceExhausted
 from reexec.redis_client import RedisUnavailable, connect
 from tests.redis_server import RedisServer
@@ -208,3 +209,13 @@ def test_config_defaults() -> None:
         "1MiB",
         5.0,
     )
+
+
+def test_config_file_error_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[action_cache]\ntype = "completeness_checking"\n'
+        '[action_cache.inner]\ntype = "redis"\nurl = "redis://h/x"\n'
+    )
+    with pytest.raises(ConfigError, match=r"action_cache\.inner: bad Redis URL 'redis://h/x'"):
+        load_config(path)
