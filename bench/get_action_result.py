@@ -7,18 +7,29 @@ Then 32 concurrent tasks over 4 channels call GetActionResult on random entries 
 Baseline in the same run: GetCapabilities calls/s (the cheapest RPC) with the same load shape.
 Client: grpcio.aio with reexec.fastpb messages.
 
+`--action-cache memory|redis` replaces the filesystem action cache under the completeness check
+(redis: a redis-server started for the run on a unix socket, no persistence; its CPU is shown).
+
 Usage: .venv/bin/python bench/get_action_result.py [--seconds 8] [--entries 200]
+       [--action-cache filesystem|memory|redis]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,6 +41,7 @@ from _common import (
     ServerProcess,
     banner,
     percentile,
+    proc_cpu_seconds,
     quiet_note,
     reexecd,
     table,
@@ -71,8 +83,62 @@ async def populate(client: AioClient, entries: int) -> list[fastpb.Message]:
     return actions
 
 
+@contextlib.contextmanager
+def redis_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A throw-away redis-server on a unix socket: (url, process)."""
+    tmp = Path(tempfile.mkdtemp(prefix="reexec-bench-redis-"))
+    sock = tmp / "redis.sock"
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(sock))
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+        yield f"unix://{sock}", proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ac_config(kind: str, url: str) -> str:
+    inner = {"memory": 'type = "memory"', "redis": f'type = "redis"\nurl = "{url}"'}[kind]
+    return f'[action_cache]\ntype = "completeness_checking"\n[action_cache.inner]\n{inner}\n'
+
+
 async def hammer(
-    server: ServerProcess, kind: str, actions: list[fastpb.Message], seconds: float, conc: int
+    server: ServerProcess,
+    kind: str,
+    actions: list[fastpb.Message],
+    seconds: float,
+    conc: int,
+    redis_pid: int | None = None,
 ) -> dict[str, float]:
     nch = 4
     clients = [AioClient(server.target) for _ in range(nch)]
@@ -98,9 +164,11 @@ async def hammer(
                 await client.get_capabilities(CapsRequest())
             latencies.append(time.perf_counter() - t0)
 
+    r0 = proc_cpu_seconds(redis_pid) if redis_pid else 0.0
     with CpuMeter(server) as m:
         stop_at = time.perf_counter() + seconds
         await asyncio.gather(*(worker(i) for i in range(conc)))
+    redis_cpu = (proc_cpu_seconds(redis_pid) - r0) if redis_pid else 0.0
     for c in clients:
         await c.close()
     n = len(latencies)
@@ -111,22 +179,27 @@ async def hammer(
         "server_pct": m.server_pct,
         "client_pct": m.client_pct,
         "server_us": 1e6 * m.server_cpu / n,
+        # redis-server is one of the "other" processes; shown on its own too.
         "other_pct": m.other_pct,
+        "redis_pct": 100.0 * redis_cpu / m.wall,
     }
 
 
-async def run(server: ServerProcess, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+async def run(
+    server: ServerProcess, args: argparse.Namespace, redis_pid: int | None = None
+) -> dict[str, dict[str, float]]:
     setup = AioClient(server.target)
     actions = await populate(setup, args.entries)
     await setup.close()
     out = {}
     for kind in ("get_action_result", "get_capabilities"):
-        r = await hammer(server, kind, actions, args.seconds, args.concurrency)
+        r = await hammer(server, kind, actions, args.seconds, args.concurrency, redis_pid)
         out[kind] = r
         print(
             f"  {kind:<18} {r['rate']:7.0f}/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
             f"server CPU {r['server_pct']:.0f}% ({r['server_us']:.0f} us/call)  "
-            f"client CPU {r['client_pct']:.0f}%  other {r['other_pct']:.0f}%",
+            f"client CPU {r['client_pct']:.0f}%  other {r['other_pct']:.0f}%"
+            + (f" (redis {r['redis_pct']:.0f}%)" if redis_pid else ""),
             flush=True,
         )
     return out
@@ -137,14 +210,28 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--entries", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument(
+        "--action-cache", choices=["filesystem", "memory", "redis"], default="filesystem"
+    )
     args = ap.parse_args()
     banner(
         f"GetActionResult hits, {args.entries} entries, concurrency {args.concurrency} "
-        f"over 4 channels, {args.seconds:.0f}s",
+        f"over 4 channels, {args.seconds:.0f}s, {args.action_cache} action cache",
         fs=True,
     )
-    with reexecd() as server:
-        res = asyncio.run(run(server, args))
+    with contextlib.ExitStack() as stack:
+        extra: list[str] = []
+        redis_pid = None
+        if args.action_cache != "filesystem":
+            url = ""
+            if args.action_cache == "redis":
+                url, redis = stack.enter_context(redis_server())
+                redis_pid = redis.pid
+            cfg = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "ac.toml"
+            cfg.write_text(ac_config(args.action_cache, url))
+            extra = ["--config", str(cfg)]
+        server = stack.enter_context(reexecd(extra))
+        res = asyncio.run(run(server, args, redis_pid))
     gar, caps = res["get_action_result"], res["get_capabilities"]
     print(quiet_note())
     print()
