@@ -10,15 +10,30 @@ Least recently used blobs are evicted beyond `max_bytes`; blobs being read or he
 in-flight action are pinned. Open writers reserve their declared size against `max_bytes`
 (released on commit or abort), and no blob larger than `max_blob_bytes` is accepted, so neither
 one huge blob nor many partial uploads can push everything else out.
+
+Shared by several processes (`shared`, with `[server] processes = N`; see fs_shared.py), the
+same directory is served by N processes, each with its own index:
+- the file system says which blobs exist: a miss in the index is checked with the file, and a
+  hit is confirmed by setting the file's mtime to now, the use time every process can see;
+- blobs are installed by link(2) (never replacing one) and evicted by unlink(2), both under the
+  ledger's cross-process lock, and the ledger counts stored and reserved bytes of all processes,
+  so `max_bytes` bounds their sum;
+- a process evicts from its own index, oldest first, but skips a blob whose mtime is newer than
+  its own last use of it (another process used it since) and one another process is reading
+  (readers hold flock(LOCK_SH) on the open file; the evictor takes LOCK_EX non-blocking);
+- uploads go to a temp directory per process slot, so a restarted process removes only its
+  dead predecessor's leftovers.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -34,6 +49,7 @@ from reexec.cas.digest import (
     is_empty,
     new_hasher,
 )
+from reexec.cas.fs_shared import Ledger, ProcessShare
 from reexec.cas.lru import LruIndex
 from reexec.cas.store import (
     READ_CHUNK,
@@ -62,6 +78,14 @@ CLEANUP_TIMEOUT_S = 10.0
 
 _LOWER_HEX = re.compile(r"[0-9a-f]+")
 
+# Shared mode: presence checks of more digests than this run in a thread (a utime(2) or
+# stat(2) each, ~2 us); evictions check and unlink at most this many files per batch.
+INLINE_CHECKS = 64
+EVICT_BATCH = 64
+
+# What an evictor found when it tried to remove one blob (shared mode).
+_EVICTED, _GONE, _IN_USE = "evicted", "gone", "in use"
+
 
 class FilesystemStore(Store):
     def __init__(
@@ -71,11 +95,19 @@ class FilesystemStore(Store):
         *,
         fsync: bool = False,
         max_blob_bytes: int | None = None,
+        shared: ProcessShare | None = None,
     ) -> None:
+        """`shared`: this process's slot among several serving the same directory."""
         self.root = Path(root)
         self._blobs_dir = self.root / "blobs"
         self._blobs_str = str(self._blobs_dir)
         self._tmp_dir = self.root / "tmp"
+        self._share = shared
+        self._ledger: Ledger | None = None
+        # Shared mode: when this process last used each indexed blob (the mtime it set or saw).
+        self._used: dict[Digest, int] = {}
+        if shared is not None:
+            self._tmp_dir = self.root / "tmp" / f"slot-{shared.slot}"
         self._fsync = fsync
         self._lru: LruIndex[Digest] = LruIndex(max_bytes)
         # A blob may take at most this much (never more than the whole store).
@@ -94,6 +126,9 @@ class FilesystemStore(Store):
     async def start(self) -> None:
         """Create the directories and rebuild the index from the file names on disk."""
         entries = await trio.to_thread.run_sync(self._scan)
+        if self._share is not None:
+            await self._start_shared(entries)
+            return
         for _, digest in entries:
             self._lru.add(digest, digest.size)
         self._started = True
@@ -116,6 +151,10 @@ class FilesystemStore(Store):
                 log.warning("ignoring unexpected directory %s", leftover.path)
                 continue
             _remove_quietly(leftover.path)
+        return self._scan_blobs()
+
+    def _scan_blobs(self) -> list[tuple[int, Digest]]:
+        """Every committed blob with its mtime, oldest first."""
         found: list[tuple[int, Digest]] = []
         for fn_entry in os.scandir(self._blobs_dir):
             try:
@@ -143,6 +182,236 @@ class FilesystemStore(Store):
         found.sort(key=lambda e: e[0])
         return found
 
+    # -- shared by several processes ---------------------------------------------------------
+
+    async def _start_shared(self, entries: list[tuple[int, Digest]]) -> None:
+        assert self._share is not None
+        self._ledger = Ledger(self.root / "ledger", self._share)
+        self._lru.replace((d, d.size) for _, d in entries)
+        self._used = {d: mtime for mtime, d in entries}
+        async with self._exclusive():
+            first = self._ledger.join(self._lru.total_bytes)
+            if first:
+                # No process of this run has written yet (joining comes first): whatever
+                # tmp/ holds is a previous run's leftovers.
+                await trio.to_thread.run_sync(self._remove_other_temps)
+            await self._evict_shared()
+        self._started = True
+        state = self._ledger.read()
+        log.info(
+            "filesystem store %s (process slot %d%s): %d blobs, %d bytes (max %d)",
+            self.root,
+            self._share.slot,
+            ", reset the shared ledger" if first else "",
+            len(self._lru),
+            state.stored,
+            self._lru.max_bytes,
+        )
+
+    def _remove_other_temps(self) -> None:
+        for entry in os.scandir(self.root / "tmp"):
+            if entry.path == str(self._tmp_dir):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                for leftover in os.scandir(entry.path):
+                    if not leftover.is_dir(follow_symlinks=False):
+                        _remove_quietly(leftover.path)
+            else:
+                _remove_quietly(entry.path)
+
+    @asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """This process's `_mutate` and, when shared, the ledger's cross-process lock."""
+        async with self._mutate:
+            ledger = self._ledger
+            if ledger is None:
+                yield
+                return
+            if not ledger.try_lock():
+                # Held by another process for a few syscalls: wait in a thread, not the loop.
+                try:
+                    await trio.to_thread.run_sync(ledger.lock)
+                except BaseException:
+                    ledger.unlock()  # taken just before a cancellation was delivered
+                    raise
+            try:
+                yield
+            finally:
+                ledger.unlock()
+
+    def _use_all(self, digests: Sequence[Digest]) -> list[int | None]:
+        """Set each blob's mtime to now (the use every process sees); None where it is gone."""
+        out: list[int | None] = []
+        for d in digests:
+            now = time.time_ns()
+            try:
+                os.utime(self.blob_path_str(d), ns=(now, now))
+            except FileNotFoundError:
+                out.append(None)
+            else:
+                out.append(now)
+        return out
+
+    def _note_uses(self, digests: Sequence[Digest], used: list[int | None]) -> list[Digest]:
+        """Apply `_use_all`'s answers to the index (on the loop); returns the missing ones."""
+        missing: list[Digest] = []
+        for d, t in zip(digests, used, strict=True):
+            if t is None:
+                self._used.pop(d, None)
+                self._drop(d)
+                missing.append(d)
+            else:
+                self._lru.add(d, d.size)  # most recently used, added if another process wrote it
+                self._used[d] = t
+        return missing
+
+    async def _check_shared(self, digests: Sequence[Digest]) -> list[Digest]:
+        """Which of `digests` (deduplicated, none empty) are missing; marks the rest used."""
+        if len(digests) <= INLINE_CHECKS:
+            used = self._use_all(digests)
+        else:
+            used = await trio.to_thread.run_sync(self._use_all, digests)
+        return self._note_uses(digests, used)
+
+    async def _present(self, digest: Digest) -> bool:
+        """Whether the blob is stored, marking it used (by the index, or the file if shared)."""
+        if self._share is None:
+            return self._lru.touch(digest)
+        return not await self._check_shared([digest])
+
+    def _open_shared(self, path: str) -> object | None:
+        """The blob's file, open and read-locked (an evictor skips it meanwhile); None if it is
+        gone or being evicted this very moment."""
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if os.fstat(f.fileno()).st_nlink == 0:
+                raise FileNotFoundError(path)  # evicted between our open and our lock
+        except (BlockingIOError, FileNotFoundError):
+            f.close()
+            return None
+        return f
+
+    async def _install_shared(self, tmp: str, digest: Digest) -> None:
+        """Link a complete temp file into blobs/ (unless another process stored the blob
+        first), count it, and evict what no longer fits. Caller holds `_exclusive`; the caller
+        removes `tmp`."""
+        ledger = self._ledger
+        assert ledger is not None
+        # Counted before the link: killed in between, the count is too high, never too low.
+        ledger.add_stored(digest.size)
+        try:
+            if self._fsync:
+                linked = await trio.to_thread.run_sync(self._link, tmp, digest)
+            else:
+                linked = self._link(tmp, digest)
+        except BaseException:
+            ledger.add_stored(-digest.size)
+            raise
+        if not linked:
+            ledger.add_stored(-digest.size)
+        # Either way the blob is there and now the most recently used, for every process.
+        self._note_uses([digest], self._use_all([digest]))
+        await self._evict_shared()
+
+    def _link(self, tmp: str, digest: Digest) -> bool:
+        """link(2), which never replaces a blob; False if it was already there."""
+        final = self.blob_path_str(digest)
+        try:
+            try:
+                os.link(tmp, final)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.link(tmp, final)
+        except FileExistsError:
+            return False
+        if self._fsync:
+            _fsync_dir(Path(final).parent)
+        return True
+
+    async def _evict_shared(self) -> None:
+        """Evict until the stored and reserved bytes of every process fit in `max_bytes`.
+        Caller holds `_exclusive`.
+
+        Candidates come from this process's index, oldest first; each is checked at its file
+        (`_try_evict`). What another process uses goes back as most recently used. If the index
+        runs out first (other processes stored what this one never saw), the index is rebuilt
+        from the directory once; beyond that, only blobs in use exceed the bound, as pinned
+        ones do in a single process.
+        """
+        ledger = self._ledger
+        assert ledger is not None
+        max_bytes = self._lru.max_bytes
+        if max_bytes <= 0:
+            return
+        budget = len(self._lru)  # keys to examine before rebuilding the index
+        rebuilt = False
+        while True:
+            state = ledger.read()
+            excess = state.stored + state.reserved_total - max_bytes
+            if excess <= 0:
+                return
+            batch = self._lru.take_oldest(excess, EVICT_BATCH) if budget > 0 else []
+            if not batch:
+                if rebuilt:
+                    log.warning(
+                        "filesystem store %s: %d bytes over max_bytes, all of them in use",
+                        self.root,
+                        excess,
+                    )
+                    return
+                entries = await trio.to_thread.run_sync(self._scan_blobs)
+                self._lru.replace((d, d.size) for _, d in entries)
+                self._used = {d: mtime for mtime, d in entries}
+                budget, rebuilt = len(self._lru), True
+                continue
+            budget -= len(batch)
+            evicted = 0
+            for d, size in batch:
+                verdict, mtime = self._try_evict(d)
+                if verdict is _EVICTED:
+                    ledger.add_stored(-size)  # after the unlink: killed before, too high
+                    self._used.pop(d, None)
+                    evicted += 1
+                elif verdict is _GONE:
+                    self._used.pop(d, None)
+                    self._forgotten += 1
+                else:
+                    self._lru.add(d, size)
+                    if mtime:
+                        self._used[d] = mtime
+            self._lru.evictions += evicted
+            await trio.lowlevel.checkpoint()
+
+    def _try_evict(self, digest: Digest) -> tuple[str, int]:
+        """Unlink the blob unless another process reads it or used it after this one did.
+        Returns the verdict and, when it stays, the file's mtime."""
+        path = self.blob_path_str(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return _GONE, 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _IN_USE, 0  # a reader holds LOCK_SH
+            st = os.fstat(fd)
+            if st.st_nlink == 0:
+                return _GONE, 0
+            if st.st_mtime_ns > self._used.get(digest, 0):
+                return _IN_USE, st.st_mtime_ns
+            # Counted first, so whoever sees the blob gone sees the count changed.
+            assert self._ledger is not None
+            self._ledger.add_evictions(1)
+            os.unlink(path)
+            return _EVICTED, 0
+        finally:
+            os.close(fd)
+
     # -- paths ------------------------------------------------------------------------------
 
     def blob_path(self, digest: Digest) -> Path:
@@ -160,6 +429,8 @@ class FilesystemStore(Store):
         return self._max_blob
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        if self._share is not None:
+            return await self._check_shared([d for d in dedupe(digests) if not is_empty(d)])
         touch = self._lru.touch
         return [d for d in dedupe(digests) if not is_empty(d) and not touch(d)]
 
@@ -169,7 +440,7 @@ class FilesystemStore(Store):
         if is_empty(digest):
             yield BytesReader(b"")
             return
-        if not self._lru.touch(digest):
+        if not await self._present(digest):
             raise BlobNotFound(digest)
         self._lru.pin(digest)
         try:
@@ -183,6 +454,14 @@ class FilesystemStore(Store):
 
     def _open_at(self, digest: Digest, offset: int) -> object:
         path = self.blob_path(digest)
+        if self._share is not None:
+            f = self._open_shared(str(path))
+            if f is None:
+                self._forget(digest)
+                raise BlobNotFound(digest)
+            if offset:
+                f.seek(offset)  # type: ignore[attr-defined]
+            return f  # marked used by _present
         try:
             f = open(path, "rb", buffering=0)
         except FileNotFoundError:
@@ -196,7 +475,7 @@ class FilesystemStore(Store):
     async def get_bytes(self, digest: Digest) -> bytes:
         if is_empty(digest):
             return b""
-        if not self._lru.touch(digest):
+        if not await self._present(digest):
             raise BlobNotFound(digest)
         if digest.size <= INLINE_IO_LIMIT:
             # No suspension point: nothing can evict it meanwhile, no pin needed.
@@ -209,6 +488,16 @@ class FilesystemStore(Store):
 
     def _read_whole(self, digest: Digest, inline: bool = False) -> bytes:
         path = self.blob_path(digest)
+        if self._share is not None:
+            f = self._open_shared(str(path))
+            if f is None:
+                if inline:
+                    self._drop(digest)
+                else:
+                    self._forget(digest)
+                raise BlobNotFound(digest)
+            with f:  # type: ignore[attr-defined]
+                return f.read()  # type: ignore[attr-defined,no-any-return]
         try:
             with open(path, "rb", buffering=0) as f:
                 data = f.read()
@@ -235,6 +524,8 @@ class FilesystemStore(Store):
 
     async def open_write(self, digest: Digest) -> _FileWriter:
         check_blob_size(digest, self._max_blob)
+        if self._ledger is not None:
+            return await self._open_write_shared(digest)
         if not self._lru.try_reserve(digest.size):
             raise ResourceExhausted(
                 f"blob {digest.blob_path}: uploads in progress already reserve "
@@ -253,6 +544,37 @@ class FilesystemStore(Store):
             raise
         return _FileWriter(self, digest, fd, path)
 
+    async def _open_write_shared(self, digest: Digest) -> _FileWriter:
+        ledger = self._ledger
+        assert ledger is not None
+        async with self._exclusive():
+            reserved = ledger.read().reserved_total
+            if self._lru.max_bytes > 0 and reserved + digest.size > self._lru.max_bytes:
+                raise ResourceExhausted(
+                    f"blob {digest.blob_path}: uploads in progress already reserve {reserved} "
+                    f"of this CAS's {self._lru.max_bytes} bytes; retry later"
+                )
+            ledger.add_reserved(digest.size)
+            self._lru.reserved_bytes += digest.size  # this process's share, for stats
+            writer = _FileWriter(self, digest, None, None)
+            try:
+                # Make room for the reservation now, not at commit: partial uploads count.
+                await self._evict_shared()
+                writer._fd, writer._path = await trio.to_thread.run_sync(self._create_temp)
+            except BaseException:
+                ledger.add_reserved(-digest.size)
+                self._lru.release(digest.size)
+                raise
+        return writer
+
+    async def _release_shared(self, size: int) -> None:
+        """Give back an upload's reservation (bounded: it runs in cleanup)."""
+        with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+            async with self._exclusive():
+                assert self._ledger is not None
+                self._ledger.add_reserved(-size)
+                self._lru.release(size)
+
     def _create_temp(self) -> tuple[int, str]:
         path = str(self._tmp_dir / uuid.uuid4().hex)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -264,7 +586,10 @@ class FilesystemStore(Store):
             raise InvalidArgument(
                 f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
             )
-        if is_empty(digest) or self._lru.touch(digest):
+        if is_empty(digest) or await self._present(digest):
+            return
+        if self._ledger is not None:
+            await self._put_shared(digest, data)
             return
         async with self._mutate:
             if digest.size <= INLINE_IO_LIMIT:
@@ -273,7 +598,29 @@ class FilesystemStore(Store):
                 await trio.to_thread.run_sync(self._write_whole, digest, data)
             await self._add(digest)
 
+    async def _put_shared(self, digest: Digest, data: bytes) -> None:
+        # The temp file is written without the lock: only the link needs it.
+        if digest.size <= INLINE_IO_LIMIT:
+            tmp = self._write_temp(digest, data)
+        else:
+            tmp = await trio.to_thread.run_sync(self._write_temp, digest, data)
+        try:
+            async with self._exclusive():
+                await self._install_shared(tmp, digest)
+        finally:
+            with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                await trio.to_thread.run_sync(_remove_quietly, tmp, abandon_on_cancel=True)
+
     def _write_whole(self, digest: Digest, data: bytes) -> None:
+        tmp = self._write_temp(digest, data)
+        try:
+            self._install(tmp, digest)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+    def _write_temp(self, digest: Digest, data: bytes) -> str:
+        """A complete, read-only temp file holding `data`."""
         fd, tmp = self._create_temp()
         try:
             try:
@@ -285,10 +632,10 @@ class FilesystemStore(Store):
                 self._finish_file(fd)
             finally:
                 os.close(fd)
-            self._install(tmp, digest)
         except BaseException:
             _remove_quietly(tmp)
             raise
+        return tmp
 
     def _finish_file(self, fd: int) -> None:
         if self._fsync:
@@ -319,6 +666,10 @@ class FilesystemStore(Store):
             _remove_quietly(self.blob_path(d))
 
     async def local_files(self, digests: Sequence[Digest]) -> dict[Digest, str]:
+        if self._share is not None:
+            wanted = [d for d in dedupe(digests) if not is_empty(d)]
+            missing = set(await self._check_shared(wanted))
+            return {d: self.blob_path_str(d) for d in wanted if d not in missing}
         touch = self._lru.touch
         return {d: self.blob_path_str(d) for d in dedupe(digests) if not is_empty(d) and touch(d)}
 
@@ -326,10 +677,18 @@ class FilesystemStore(Store):
         """Hardlink (when read-only and on this file system; else copy) into tmp/, hash what
         was linked, then install it. The hash is of the very inode that becomes the blob."""
         check_blob_size(digest, self._max_blob)
-        if is_empty(digest) or self._lru.touch(digest):
+        if is_empty(digest) or await self._present(digest):
             return True
         # Hashed before taking the lock: other commits and evictions need not wait for it.
         tmp = await trio.to_thread.run_sync(self._take_verified, digest, os.fspath(path))
+        if self._ledger is not None:
+            try:
+                async with self._exclusive():
+                    await self._install_shared(tmp, digest)
+            finally:
+                with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                    await trio.to_thread.run_sync(_remove_quietly, tmp, abandon_on_cancel=True)
+            return True
         try:
             async with self._mutate:
                 if self._lru.touch(digest):
@@ -371,10 +730,12 @@ class FilesystemStore(Store):
     async def discard_if_same_file(self, digest: Digest, st_dev: int, st_ino: int) -> bool:
         """Remove the blob if its file is this inode (a co-located worker, which hardlinked it,
         found it modified). Returns whether it was removed."""
-        async with self._mutate:
+        async with self._exclusive():
             removed = await trio.to_thread.run_sync(self._unlink_if_inode, digest, st_dev, st_ino)
             if removed:
                 self._drop(digest)
+                if self._ledger is not None:
+                    self._ledger.add_stored(-digest.size)
         return removed
 
     def _unlink_if_inode(self, digest: Digest, st_dev: int, st_ino: int) -> bool:
@@ -388,7 +749,24 @@ class FilesystemStore(Store):
         _remove_quietly(path)
         return True
 
+    async def aclose(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
     def stats(self) -> dict[str, int]:
+        if self._ledger is not None:
+            # Shared: bytes and evictions of all processes; blobs this process has indexed.
+            state = self._ledger.read()
+            return {
+                "blobs": len(self._lru),
+                "bytes": state.stored,
+                "max_bytes": self._lru.max_bytes,
+                "reserved_bytes": state.reserved_total,
+                "evictions": state.evictions,
+                "forgotten": self._forgotten,
+                "process_slot": self._share.slot if self._share else 0,
+            }
         return {
             "blobs": len(self._lru),
             "bytes": self._lru.total_bytes,
@@ -409,12 +787,14 @@ class _FileReader:
 
 
 class _FileWriter:
-    def __init__(self, store: FilesystemStore, digest: Digest, fd: int, path: str) -> None:
+    def __init__(
+        self, store: FilesystemStore, digest: Digest, fd: int | None, path: str | None
+    ) -> None:
         self._store = store
         self.digest = digest
         self.committed_size = 0
         self._fd: int | None = fd
-        self._path = path
+        self._path: str | None = path
         self._buf = bytearray()
         self._reserved = digest.size  # released exactly once, on commit or abort
 
@@ -448,6 +828,9 @@ class _FileWriter:
             )
         await self._flush()
         store = self._store
+        if store._ledger is not None:
+            await self._commit_shared()
+            return
         async with store._mutate:
             # Taken only once the lock is held: a cancellation while waiting for it leaves the
             # fd with the writer, so abort() can still close it and remove the temp file.
@@ -461,7 +844,40 @@ class _FileWriter:
             await trio.to_thread.run_sync(self._finish, fd)
             await store._add(self.digest)
 
+    async def _commit_shared(self) -> None:
+        store = self._store
+        fd, self._fd = self._fd, None
+        assert fd is not None and self._path is not None
+        try:
+            await trio.to_thread.run_sync(self._seal, fd)
+            async with store._exclusive():
+                assert store._ledger is not None
+                # The bytes move from reserved to stored under one hold of the lock.
+                store._ledger.add_reserved(-self._reserved)
+                self._release()
+                await store._install_shared(self._path, self.digest)
+        finally:
+            await self._clean_up_shared()
+
+    def _seal(self, fd: int) -> None:
+        try:
+            self._store._finish_file(fd)
+        finally:
+            os.close(fd)
+
+    async def _clean_up_shared(self) -> None:
+        """Give back the reservation if still held and remove the temp file (link(2) left it,
+        or it was never linked). Bounded, shielded: it runs on every way out."""
+        if self._reserved:
+            size, self._reserved = self._reserved, 0
+            await self._store._release_shared(size)
+        path, self._path = self._path, None
+        if path is not None:
+            with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                await trio.to_thread.run_sync(_remove_quietly, path, abandon_on_cancel=True)
+
     def _finish(self, fd: int) -> None:
+        assert self._path is not None
         try:
             try:
                 self._store._finish_file(fd)
@@ -475,6 +891,11 @@ class _FileWriter:
     async def abort(self) -> None:
         fd, self._fd = self._fd, None
         self._buf = bytearray()
+        if self._store._ledger is not None:
+            if fd is not None:
+                os.close(fd)
+            await self._clean_up_shared()
+            return
         self._release()
         if fd is not None:
             with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):

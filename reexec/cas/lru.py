@@ -125,5 +125,30 @@ class LruIndex(Generic[K]):
         self.evictions += len(victims)
         return victims
 
+    def take_oldest(self, nbytes: int, max_keys: int) -> list[tuple[K, int]]:
+        """Remove and return the least recently used unpinned keys with their sizes, until
+        they add up to `nbytes` or `max_keys` are taken.
+
+        For a caller that decides per key whether it really goes (a store shared by several
+        processes, which checks each file first): a key it keeps goes back with `add`, now
+        the most recently used. Not counted as evictions; the caller counts what it removed.
+        """
+        keys: list[K] = []
+        found = 0
+        for key, size in self._sizes.items():  # from the oldest; stops early, no copy
+            if found >= nbytes or len(keys) >= max_keys:
+                break
+            if key not in self._pins:
+                keys.append(key)
+                found += size
+        taken = [(key, self._sizes.pop(key)) for key in keys]
+        self.total_bytes -= sum(size for _, size in taken)
+        return taken
+
+    def replace(self, entries: Iterable[tuple[K, int]]) -> None:
+        """Forget every key and record `entries`, oldest first (pins and reservations stay)."""
+        self._sizes = OrderedDict(entries)
+        self.total_bytes = sum(self._sizes.values())
+
     def keys_oldest_first(self) -> list[K]:
         return list(self._sizes)
