@@ -12,17 +12,30 @@ from grpclib.client import Channel
 from reexec.cas.grpc_store import ChannelFactory, channel_factory
 from reexec.daemon.config import Config, ConfigError
 from reexec.rpc import StatusDetailsCodec
+from reexec.sandbox.agent import SchedulerEndpoint
+from reexec.sandbox.config import SchedulerUrlError, scheduler_urls
 
 
-def scheduler_channel_factory(config: Config) -> ChannelFactory:
-    """Connects to `worker.scheduler` (grpc:// or grpcs://, verified with `worker.tls_ca`)."""
-    url = config.worker.scheduler
-    if not url:
-        raise ConfigError("worker.scheduler: required for `reexecd worker` (or pass --scheduler)")
+def scheduler_endpoints(config: Config) -> list[SchedulerEndpoint]:
+    """The schedulers `worker.scheduler` names, in order (grpc:// or grpcs://, verified with
+    `worker.tls_ca`); ConfigError if there are none or one is malformed."""
     try:
-        return channel_factory(url, tls_ca=config.worker.tls_ca)
-    except ValueError as e:
-        raise ConfigError(f"worker.scheduler: {e}") from None
+        urls = scheduler_urls(config.worker.scheduler)
+    except SchedulerUrlError as e:
+        raise ConfigError(str(e)) from None
+    if not urls:
+        raise ConfigError("worker.scheduler: required for `reexecd worker` (or pass --scheduler)")
+    endpoints = []
+    for url in urls:
+        try:
+            endpoints.append(
+                SchedulerEndpoint(url, channel_factory(url, tls_ca=config.worker.tls_ca))
+            )
+        except ValueError as e:
+            raise ConfigError(f"worker.scheduler: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"worker.tls_ca: cannot load {config.worker.tls_ca}: {e}") from None
+    return endpoints
 
 
 def unix_channel_factory(path: str) -> ChannelFactory:

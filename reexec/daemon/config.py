@@ -24,7 +24,7 @@ from reexec.cas.config import (
 )
 from reexec.cas.grpc_store import channel_factory
 from reexec.configtypes import ByteSize, ConfigStruct, parse_size
-from reexec.sandbox.config import WorkerConfig
+from reexec.sandbox.config import SchedulerUrlError, WorkerConfig, scheduler_urls
 from reexec.sched.config import SchedulerConfig
 
 __all__ = [
@@ -180,6 +180,10 @@ def check_semantics(config: Config, source: str) -> None:
     _check_store("action_cache", config.action_cache, fail)
     if config.worker.cas is not None:
         _check_store("worker.cas", config.worker.cas, fail)
+    try:
+        scheduler_urls(config.worker.scheduler)
+    except SchedulerUrlError as e:
+        fail(f"worker.scheduler{e.key}", e.why)
     if config.server.max_connections < 0:
         fail("server.max_connections", "must not be negative (0: derived from the fd limit)")
     if config.server.max_open_uploads < 1:

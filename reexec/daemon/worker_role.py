@@ -6,6 +6,10 @@ trio.run(run_worker)
       └─ WorkerRole.run
          └─ WorkerAgent.run          reexec/sandbox/agent.py: the scheduler stream and
                                      the action tasks; returns once drained
+
+`worker.scheduler` may name several schedulers; the agent holds a stream to one at a time.
+Without `worker.cas` the worker reads and writes blobs through the CAS of the scheduler it is
+registered with: one channel per scheduler, switched when the agent connects elsewhere.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from grpclib.client import Channel
 
 from reexec.cas.factory import build_store
 from reexec.cas.store import Store
-from reexec.daemon.channels import default_worker_id, read_token, scheduler_channel_factory
+from reexec.daemon.channels import default_worker_id, read_token, scheduler_endpoints
 from reexec.daemon.config import Config, ConfigError
 from reexec.daemon.lifecycle import Lifecycle, changed_keys
 from reexec.daemon.status import StatusSources
-from reexec.sandbox.agent import WorkerAgent
+from reexec.sandbox.agent import SchedulerEndpoint, WorkerAgent
 from reexec.sandbox.cas_access import CasAccess, GrpcAccess, LocalStoreAccess
 from reexec.sandbox.factory import WorkerSetupError, build_worker
 
@@ -43,17 +47,26 @@ class WorkerRole:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect to the scheduler and run actions; returns once the agent has drained."""
         config = self.config
-        factory = scheduler_channel_factory(config)
-        cas_channel = await factory()
+        endpoints = scheduler_endpoints(config)
+        cas_channels: dict[str, Channel] = {}
         try:
+            for endpoint in endpoints:
+                cas_channels[endpoint.url] = await endpoint.connect()
             worker_id = config.worker.worker_id or default_worker_id()
-            access = await self._cas_access(cas_channel, worker_id)
+            access = await self._cas_access(cas_channels[endpoints[0].url], worker_id)
             try:
                 self.agent = await build_worker(
-                    config.worker, Path(config.data_dir), access, factory, worker_id
+                    config.worker, Path(config.data_dir), access, endpoints, worker_id
                 )
             except WorkerSetupError as e:
                 raise ConfigError(str(e)) from None
+            if isinstance(access, GrpcAccess):
+
+                def follow(endpoint: SchedulerEndpoint) -> None:
+                    # Calls already under way finish (or fail) on the old channel.
+                    access.channel = cas_channels[endpoint.url]
+
+                self.agent.on_connected = follow
             if config.worker.token_file:
                 self.agent.settings.token = await read_token(
                     config.worker.token_file, "worker.token_file"
@@ -61,7 +74,8 @@ class WorkerRole:
             self.status.agent = self.agent
             await self.agent.run(task_status=task_status)
         finally:
-            cas_channel.close()
+            for channel in cas_channels.values():
+                channel.close()
             if self._store is not None:
                 with trio.move_on_after(10, shield=True):
                     await self._store.aclose()
@@ -80,7 +94,9 @@ class WorkerRole:
 
     def ready_message(self) -> str:
         worker_id = self.agent.settings.worker_id if self.agent else "?"
-        return f"worker {worker_id} for {self.config.worker.scheduler}"
+        scheduler = self.config.worker.scheduler
+        urls = scheduler if isinstance(scheduler, str) else ", ".join(scheduler)
+        return f"worker {worker_id} for {urls}"
 
     def stopping_message(self) -> str:
         running = len(self.agent.running) if self.agent else 0

@@ -1,18 +1,41 @@
-"""The worker agent: one WorkerApi.Connect stream to the scheduler, actions run concurrently.
+"""The worker agent: one WorkerApi.Connect stream to a scheduler, actions run concurrently.
 
     WorkerAgent.run
     └─ actions nursery (outlives connections: an action keeps running while we reconnect)
        ├─ _drain_when_asked      the scheduler's Drain request -> drain()
        ├─ action tasks           ActionExecutor.execute -> Finished, each in its own cancel
        │                         scope (CancelExecute, drain timeout)
-       └─ _stay_connected        reconnect loop with exponential backoff
+       └─ _stay_connected        reconnect loop over the scheduler list, exponential backoff
           └─ session nursery     one per connection
              ├─ _keepalive       Keepalive and a Progress per running action every interval
              └─ _receive         StartExecute -> precondition script -> start an action task
 
-A result that finishes while the connection is down is dropped: the scheduler requeued that
-attempt when the connection ended, and on Register it cancels what the worker still runs.
-`drain` sends GoingAway, lets running actions finish (up to the drain timeout), then stops.
+**Several schedulers.** The agent is given a list of schedulers (`worker.scheduler`, one URL
+or several sharing their operations' state). It holds one stream at a time; when a session
+ends or cannot start (stream error, connection refused, no Registered within
+REGISTER_TIMEOUT_S), it tries the next scheduler in the list, at once, and sleeps only after a
+whole round of the list failed (0.2 s, doubling up to `reconnect_max_s`; back to 0.2 s after
+any session that registered). `scheduler_url` is the scheduler of the current session.
+
+**Results are held, not dropped.** A Finished that cannot be sent (no connection, or the send
+fails) is held in `pending` (`pending_results.py`: oldest first, at most
+`max_pending_results` messages and `max_pending_bytes` serialized bytes; beyond either bound
+the oldest is dropped with a warning). The action's slot is free once it has ended (its
+processes and work directory are gone); only the message waits. The next session's Register
+names exactly the attempts still running (`running`, plus `running_operations` for older
+schedulers) and the results held (`pending_results`); right after Registered, before the agent
+reads any StartExecute, it sends every held result, oldest first, each removed once sent. So a
+scheduler that shares the operations' state can adopt the running attempts and complete the
+held ones; a scheduler that requeued them when the old connection ended ignores the stale
+results and cancels the stale attempts. As no new work is taken while held results wait, at
+most `max_inflight` results are ever held; the bounds guard against large messages. "Sent"
+means handed to the stream: a result in flight when the connection breaks is lost, and its
+attempt is requeued by the scheduler like any attempt of a lost worker. A result may reach a
+scheduler twice (sent, then the stream failed before the send returned); schedulers ignore a
+second Finished of an attempt that is no longer running.
+
+`drain` sends GoingAway, lets running actions finish (up to the drain timeout), gives held
+results a bounded time to be sent (reconnecting if need be), then stops.
 """
 
 from __future__ import annotations
@@ -29,6 +52,7 @@ from grpclib.const import Cardinality
 from reexec import fastpb
 from reexec.grpc_client import aio, open_stream
 from reexec.sandbox.executor import ActionExecutor
+from reexec.sandbox.pending_results import Attempt, PendingResults
 from reexec.worker_protocol import (
     CONNECT,
     WORKER_TOKEN_HEADER,
@@ -37,6 +61,21 @@ from reexec.worker_protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+ChannelFactory = Callable[[], Awaitable[Channel]]
+
+# A scheduler that accepts the stream but does not answer Register within this long (stalled,
+# overloaded) counts as failed: the agent moves to the next one.
+REGISTER_TIMEOUT_S = 30.0
+_FIRST_DELAY_S = 0.2
+
+
+@dataclass(frozen=True)
+class SchedulerEndpoint:
+    """One scheduler the agent may connect to: a name for logs and status, and its channels."""
+
+    url: str
+    connect: ChannelFactory
 
 
 @dataclass
@@ -49,6 +88,9 @@ class AgentSettings:
     reconnect_max_s: float = 30.0
     # The scheduler's worker token (sent as WORKER_TOKEN_HEADER), if it requires one.
     token: str | None = None
+    # Bounds of the results held while no scheduler can take them (see the module docstring).
+    max_pending_results: int = 1000
+    max_pending_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass
@@ -63,12 +105,29 @@ class WorkerAgent:
         self,
         settings: AgentSettings,
         executor: ActionExecutor,
-        channel_factory: Callable[[], Awaitable[Channel]],
+        schedulers: Sequence[SchedulerEndpoint] | ChannelFactory,
+        *,
+        on_connected: Callable[[SchedulerEndpoint], None] | None = None,
     ) -> None:
+        """`schedulers`: the list to rotate through, or one channel factory (`serve`'s local
+        scheduler, named "local"). `on_connected` is called once a session has registered,
+        before held results are sent or work is accepted (the worker role points its CAS
+        reads at that scheduler)."""
         self.settings = settings
         self.executor = executor
-        self.channel_factory = channel_factory
-        self.running: dict[tuple[str, int], _Running] = {}
+        if callable(schedulers):
+            schedulers = [SchedulerEndpoint("local", schedulers)]
+        if not schedulers:
+            raise ValueError("a worker needs at least one scheduler")
+        self.schedulers: list[SchedulerEndpoint] = list(schedulers)
+        self.on_connected = on_connected
+        self.scheduler_url: str | None = None
+        self.running: dict[Attempt, _Running] = {}
+        self.pending = PendingResults(settings.max_pending_results, settings.max_pending_bytes)
+        self._all_sent = trio.Event()
+        self._all_sent.set()
+        self.results_held = 0
+        self.results_sent_late = 0
         self._stream = None
         self._send_lock = trio.Lock()
         self._going_away = False
@@ -103,19 +162,46 @@ class WorkerAgent:
         await self._drain_asked.wait()
         await self.drain()
 
+    def _done(self) -> bool:
+        return self._going_away and not self.running and not self.pending
+
     async def _stay_connected(self, actions: trio.Nursery) -> None:
-        delay = 0.2
-        while not (self._going_away and not self.running):
+        """One session at a time, moving to the next scheduler whenever one ends or fails."""
+        delay = _FIRST_DELAY_S
+        index = 0
+        failed = 0  # consecutive failed attempts since the last sleep
+        while not self._done():
+            endpoint = self.schedulers[index]
+            sessions = self.sessions
+            problem = "the session ended"
             try:
-                await self._session(actions)
-                delay = 0.2
+                await self._session(actions, endpoint)
             except Exception as e:
-                log.warning("scheduler connection failed: %s; retrying in %.1fs", e, delay)
+                problem = _describe(e)
             self.connected = trio.Event()
-            if self._going_away and not self.running:
+            if self._done():
                 break
+            index = (index + 1) % len(self.schedulers)
+            if self.sessions > sessions:  # it registered: start over, from the next one
+                delay, failed = _FIRST_DELAY_S, 0
+                log.warning(
+                    "lost the scheduler %s: %s; connecting to %s",
+                    endpoint.url,
+                    problem,
+                    self.schedulers[index].url,
+                )
+                await trio.sleep(delay)
+                continue
+            failed += 1
+            if failed < len(self.schedulers):
+                log.warning(
+                    "scheduler %s: %s; trying %s", endpoint.url, problem, self.schedulers[index].url
+                )
+                continue
+            log.warning("scheduler %s: %s; retrying in %.1fs", endpoint.url, problem, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, self.settings.reconnect_max_s)
+            failed = 0
 
     async def drain(self) -> None:
         """GoingAway: no new work; wait for running actions up to the drain timeout."""
@@ -133,6 +219,12 @@ class WorkerAgent:
             r.scope.cancel()
         with trio.move_on_after(10):
             await self._wait_idle()
+        if self.pending:
+            log.info("draining: %d result(s) to send", len(self.pending))
+            with trio.move_on_after(max(10.0, self.settings.reconnect_max_s)):
+                await self._all_sent.wait()
+            for name, attempt in self.pending.keys():
+                log.warning("drained without sending the result of %s attempt %d", name, attempt)
         # Half-close the stream: every Finished already sent is delivered before the scheduler
         # sees the end, and `run` returns once the scheduler closes its side.
         stream = self._stream
@@ -157,8 +249,24 @@ class WorkerAgent:
 
     # -- the connection -------------------------------------------------------------------------
 
-    async def _session(self, actions: trio.Nursery) -> None:
-        channel = await self.channel_factory()
+    def _register_message(self) -> fastpb.Message:
+        reg = WorkerMessage()
+        r = reg.register
+        r.worker_id = self.settings.worker_id
+        r.max_inflight_tasks = self.settings.max_inflight
+        for name, value in self.settings.platform:
+            r.platform.properties.add(name=name, value=value)
+        for name, attempt in self.running:
+            r.running_operations.append(name)
+            r.running.add(operation_name=name, attempt=attempt)
+        for name, attempt in self.pending.keys():
+            r.pending_results.add(operation_name=name, attempt=attempt)
+        return reg
+
+    async def _session(self, actions: trio.Nursery, endpoint: SchedulerEndpoint) -> None:
+        """Register with `endpoint`, send the held results, then serve until the stream ends
+        (raises unless we are going away and the scheduler closed it)."""
+        channel = await endpoint.connect()
         try:
             token = self.settings.token
             async with open_stream(
@@ -169,35 +277,77 @@ class WorkerAgent:
                 SchedulerMessage,
                 metadata={WORKER_TOKEN_HEADER: token} if token else None,
             ) as stream:
-                reg = WorkerMessage()
-                r = reg.register
-                r.worker_id = self.settings.worker_id
-                r.max_inflight_tasks = self.settings.max_inflight
-                for name, value in self.settings.platform:
-                    r.platform.properties.add(name=name, value=value)
-                r.running_operations.extend(name for name, _ in self.running)
-                await aio(stream.send_message, reg)
-                hello = await aio(stream.recv_message)
+                with trio.fail_after(REGISTER_TIMEOUT_S):
+                    await aio(stream.send_message, self._register_message())
+                    hello = await aio(stream.recv_message)
                 if hello is None or hello.WhichOneof("kind") != "registered":
                     raise ConnectionError("the scheduler did not acknowledge Register")
                 interval = hello.registered.keepalive_interval.ToNanoseconds() / 1e9 or 1.0
                 self._stream = stream
+                self.scheduler_url = endpoint.url
                 self.sessions += 1
-                log.info("connected to the scheduler as %s", self.settings.worker_id)
+                log.info(
+                    "connected to the scheduler %s as %s (%d running, %d result(s) to send)",
+                    endpoint.url,
+                    self.settings.worker_id,
+                    len(self.running),
+                    len(self.pending),
+                )
+                if self.on_connected is not None:
+                    self.on_connected(endpoint)
                 self.connected.set()
                 try:
-                    if self._going_away:
-                        await self._send_going_away()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keepalive, interval)
+                        await self._send_held(endpoint)
+                        if self._going_away:
+                            await self._send_going_away()
                         await self._receive(stream, actions)
                         nursery.cancel_scope.cancel()
                 finally:
                     self._stream = None
+                    self.scheduler_url = None
         finally:
             close = getattr(channel, "close", None)
             if close is not None:
                 close()
+
+    async def _send_held(self, endpoint: SchedulerEndpoint) -> None:
+        """Every held result, oldest first, each removed once sent; a result finishing
+        meanwhile is held too (see `_deliver`), so it is sent by this loop, in order."""
+        while (item := self.pending.oldest()) is not None:
+            key, msg = item
+            await self._send(msg)
+            if self.pending.remove(key):
+                self.results_sent_late += 1
+                log.info("sent the held result of %s attempt %d to %s", *key, endpoint.url)
+        self._all_sent.set()
+
+    async def _deliver(self, key: Attempt, msg: fastpb.Message) -> None:
+        """Send a result now if connected and no older one waits; otherwise hold it."""
+        if self._stream is not None and not self.pending:
+            try:
+                await self._send(msg)
+                return
+            except Exception as e:
+                log.warning(
+                    "result of %s attempt %d not sent (%s): held until a scheduler takes it",
+                    *key,
+                    e,
+                )
+        self.results_held += 1
+        if self._all_sent.is_set():
+            self._all_sent = trio.Event()
+        for name, attempt in self.pending.add(key, msg):
+            log.warning(
+                "result of %s attempt %d dropped: more than %d results or %d bytes held",
+                name,
+                attempt,
+                self.pending.max_count,
+                self.pending.max_bytes,
+            )
+        if not self.pending:
+            self._all_sent.set()
 
     async def _send(self, msg: fastpb.Message) -> None:
         stream = self._stream
@@ -296,12 +446,17 @@ class WorkerAgent:
                 f.status.code = 1  # CANCELLED
                 f.status.message = "cancelled on the worker"
             self.completed += 1
-            try:
-                await self._send(msg)
-            except Exception as e:
-                # The scheduler requeued this attempt when the connection ended (see above).
-                log.warning("result of %s attempt %d not delivered: %s", r.name, r.attempt, e)
+            # Sent (or held, without waiting, if there is no connection) before the slot is
+            # freed, so a drain that waits for idle half-closes the stream after it.
+            await self._deliver(key, msg)
         finally:
             del self.running[key]
             if not self.running:
                 self._idle.set()
+
+
+def _describe(e: BaseException) -> str:
+    """The first error inside nested exception groups, as a log line can say it."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

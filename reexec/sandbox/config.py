@@ -10,6 +10,7 @@ from typing import Literal
 import msgspec
 
 from reexec.cas.config import StoreConfig
+from reexec.cas.grpc_store import channel_factory
 from reexec.configtypes import ByteSize, ConfigStruct
 
 
@@ -43,8 +44,11 @@ class SandboxConfig(ConfigStruct):
 class WorkerConfig(ConfigStruct):
     enabled: bool = True
     """`reexecd serve` runs a local worker (ignored by `reexecd scheduler` and `worker`)."""
-    scheduler: str = ""
-    """grpc://host:port or grpcs://host:port of the scheduler (`reexecd worker`)."""
+    scheduler: str | list[str] = ""
+    """grpc://host:port or grpcs://host:port of the scheduler (`reexecd worker`), or a list of
+    them (schedulers sharing their state): the worker holds one stream at a time and moves to
+    the next scheduler in the list when its scheduler goes away, carrying its running actions
+    and the results it holds (`reexec/sandbox/agent.py`). They must serve the same CAS."""
     instance_name: str = ""
     """Instance name used for the worker's own CAS reads and writes."""
     worker_id: str = ""
@@ -78,6 +82,38 @@ class WorkerConfig(ConfigStruct):
     """`reexecd worker`: the store it reads inputs from and writes outputs to, e.g. a `shard`
     of `grpc` stores on the storage nodes. Default: the scheduler's CAS (`worker.scheduler`).
     It must hold the same blobs the scheduler's CAS does."""
+
+
+class SchedulerUrlError(ValueError):
+    """A bad `worker.scheduler`: `key` is the suffix naming the entry ("" or "[i]")."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"worker.scheduler{key}: {why}")
+        self.key = key
+        self.why = why
+
+
+def scheduler_urls(value: str | list[str]) -> list[str]:
+    """The schedulers `worker.scheduler` names, in order: [] when unset (the empty string), or
+    SchedulerUrlError for an empty list, an entry that is not grpc://HOST:PORT or
+    grpcs://HOST:PORT, or an entry listed twice."""
+    if isinstance(value, str):
+        urls, index = ([value] if value else []), False
+    else:
+        urls, index = list(value), True
+        if not urls:
+            raise SchedulerUrlError(
+                "", "the list is empty; name at least one grpc://HOST:PORT or grpcs://HOST:PORT"
+            )
+    for i, url in enumerate(urls):
+        key = f"[{i}]" if index else ""
+        try:
+            channel_factory(url)
+        except ValueError as e:
+            raise SchedulerUrlError(key, str(e)) from None
+        if url in urls[:i]:
+            raise SchedulerUrlError(key, f"{url!r} is listed twice")
+    return urls
 
 
 def platform_pairs(platform: dict[str, str | list[str]]) -> list[tuple[str, str]]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
-from grpclib.client import Channel
 
 from reexec.configtypes import parse_size
 from reexec.sandbox.action_confinement import (
@@ -16,7 +15,7 @@ from reexec.sandbox.action_confinement import (
     own_platform,
     parse_ro_binds,
 )
-from reexec.sandbox.agent import AgentSettings, WorkerAgent
+from reexec.sandbox.agent import AgentSettings, ChannelFactory, SchedulerEndpoint, WorkerAgent
 from reexec.sandbox.cas_access import CasAccess
 from reexec.sandbox.config import WorkerConfig, platform_pairs
 from reexec.sandbox.confine import ConfineMode
@@ -46,10 +45,11 @@ async def build_worker(
     wc: WorkerConfig,
     data_dir: Path,
     access: CasAccess,
-    channel_factory: Callable[[], Awaitable[Channel]],
+    schedulers: Sequence[SchedulerEndpoint] | ChannelFactory,
     default_id: str,
 ) -> WorkerAgent:
-    """A ready worker agent (its local cache scanned); `agent.run()` connects and works."""
+    """A ready worker agent (its local cache scanned); `agent.run()` connects and works, to
+    `schedulers` in turn (or the one scheduler a bare channel factory reaches)."""
     confinement = await trio.to_thread.run_sync(
         _confinement,
         wc,
@@ -103,7 +103,7 @@ async def build_worker(
         precondition_script=wc.precondition_script,
         drain_timeout_s=wc.drain_timeout_s,
     )
-    return WorkerAgent(settings, executor, channel_factory)
+    return WorkerAgent(settings, executor, schedulers)
 
 
 def _confinement(
