@@ -8,6 +8,7 @@ actions end when the test says. The process test at the end uses real `reexecd` 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -22,6 +23,7 @@ from grpclib.server import Server
 
 from reexec.daemon.channels import scheduler_endpoints
 from reexec.daemon.config import Config, ConfigError, load_config
+from reexec.daemon.status_cli import request
 from reexec.grpc_client import aio
 from reexec.rpc import StatusDetailsCodec
 from reexec.sandbox.agent import AgentSettings, SchedulerEndpoint, WorkerAgent
@@ -487,6 +489,21 @@ async def test_worker_process_moves_to_the_second_scheduler_when_the_first_is_ki
                 assert r.result.execution_metadata.worker == "w1"
             finally:
                 channel.close()
+            # The worker's status and metrics name the scheduler it is connected to.
+            sock = str(tmp_path / "w" / "reexecd.sock")
+            code, body = await trio.to_thread.run_sync(request, sock, "GET", "/status")
+            assert code == 200
+            worker = json.loads(body)["worker"]
+            assert worker["scheduler"] == f"grpc://127.0.0.1:{b.port}"
+            assert worker["schedulers"] == [
+                f"grpc://127.0.0.1:{a.port}",
+                f"grpc://127.0.0.1:{b.port}",
+            ]
+            assert worker["held_results"] == []
+            code, body = await trio.to_thread.run_sync(request, sock, "GET", "/metrics")
+            metrics = body.decode()
+            assert f'reexec_worker_connected{{scheduler="grpc://127.0.0.1:{b.port}"}} 1' in metrics
+            assert f'reexec_worker_connected{{scheduler="grpc://127.0.0.1:{a.port}"}} 0' in metrics
         finally:
             if w.returncode is None:
                 assert w.stop() == 0

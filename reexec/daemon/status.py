@@ -151,6 +151,12 @@ def collect_status(sources: StatusSources) -> dict[str, Any]:
         doc["worker"] = {
             "id": agent.settings.worker_id,
             "slots": agent.settings.max_inflight,
+            # The scheduler of the current session (None while reconnecting), and the list.
+            "scheduler": agent.scheduler_url,
+            "schedulers": [s.url for s in agent.schedulers],
+            "sessions": agent.sessions,
+            "held_results": [{"operation": n, "attempt": a} for n, a in agent.pending.keys()],
+            "held_results_dropped": agent.pending.dropped,
             "running": [{"operation": n, "attempt": a} for n, a in sorted(agent.running)],
             "draining": agent.draining,
             "completed": agent.completed,
@@ -332,6 +338,30 @@ def metrics_text(sources: StatusSources) -> str:
             "Actions running on this worker",
             (),
             [((), len(agent.running))],
+        )
+        gauge(
+            "reexec_worker_connected",
+            "1 for the scheduler this worker is registered with (none while it reconnects)",
+            ("scheduler",),
+            [((s.url,), float(s.url == agent.scheduler_url)) for s in agent.schedulers],
+        )
+        gauge(
+            "reexec_worker_held_results",
+            "Finished results held until a scheduler takes them",
+            (),
+            [((), len(agent.pending))],
+        )
+        counter(
+            "reexec_worker_held_results_dropped_total",
+            "Held results dropped beyond the bounds (count, bytes)",
+            (),
+            [((), agent.pending.dropped)],
+        )
+        counter(
+            "reexec_worker_sessions_total",
+            "Sessions registered with a scheduler (reconnects and moves included)",
+            (),
+            [((), agent.sessions)],
         )
     return reg.render()
 
