@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import xxhash
 from google.protobuf.message import DecodeError
 
 from reexec import fastpb
@@ -88,6 +89,10 @@ def removal_generation(cas: Store) -> tuple[int, int] | None:
     return evictions, forgotten
 
 
+def _fingerprint(data: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
 class CompletenessCheckingActionCache(ActionCache):
     # Bound on remembered keys; past it the memory is simply dropped (next hits re-check).
     MAX_VERIFIED = 100_000
@@ -97,9 +102,12 @@ class CompletenessCheckingActionCache(ActionCache):
         self.cas = cas
         self.incomplete = 0
         self.skipped = 0
-        # Keys whose entry was complete when last checked, all checked under `_generation`:
-        # while no blob has left the CAS since, they still are, and the check is skipped.
-        self._verified: set[ActionKey] = set()
+        # Keys whose entry was complete when last checked, all checked under `_generation`, with
+        # a fingerprint of the entry checked: while no blob has left the CAS since and the entry
+        # read is the same, it still is, and the check is skipped. The fingerprint matters when
+        # the inner cache is shared (redis, grpc): another frontend may replace the entry with
+        # one naming blobs this CAS lacks, and no put of ours tells us.
+        self._verified: dict[ActionKey, int] = {}
         self._generation: tuple[int, int] | None = None
         self._puts = 0
 
@@ -108,29 +116,40 @@ class CompletenessCheckingActionCache(ActionCache):
         if generation is None or generation != self._generation:
             self._verified.clear()
             self._generation = generation
-        elif key in self._verified:
-            data = await self.inner.get(key)
-            if data is not None:
-                self.skipped += 1
-            return data
         puts = self._puts
-        data = await self._get_checked(key)
-        # Remember only if no blob left and no entry was replaced while checking.
+        data = await self.inner.get(key)
+        if data is None:
+            return None
+        fingerprint = _fingerprint(data)
+        if self._verified.get(key) == fingerprint:
+            self.skipped += 1
+            return data
+        checked = await self._check(key, data)
+        self._remember(key, fingerprint if checked is not None else None, generation, puts)
+        return checked
+
+    def _remember(
+        self,
+        key: ActionKey,
+        fingerprint: int | None,
+        generation: tuple[int, int] | None,
+        puts: int,
+    ) -> None:
+        # Remember only if no blob left and no entry was replaced (here) while checking.
+        if fingerprint is None:
+            self._verified.pop(key, None)
+            return
         if (
-            data is not None
-            and generation is not None
+            generation is not None
             and generation == self._generation == removal_generation(self.cas)
             and puts == self._puts
         ):
             if len(self._verified) >= self.MAX_VERIFIED:
                 self._verified.clear()
-            self._verified.add(key)
-        return data
+            self._verified[key] = fingerprint
 
-    async def _get_checked(self, key: ActionKey) -> bytes | None:
-        data = await self.inner.get(key)
-        if data is None:
-            return None
+    async def _check(self, key: ActionKey, data: bytes) -> bytes | None:
+        """`data` if every blob it names is in the CAS, else None (an incomplete entry)."""
         try:
             result = fastpb.ActionResult.FromString(data)
             missing = await missing_references(result, key.digest.function, self.cas)
@@ -150,12 +169,12 @@ class CompletenessCheckingActionCache(ActionCache):
 
     async def put(self, key: ActionKey, result: bytes) -> None:
         # Before and after: a check overlapping any part of the put is not remembered.
-        self._verified.discard(key)
+        self._verified.pop(key, None)
         self._puts += 1
         try:
             await self.inner.put(key, result)
         finally:
-            self._verified.discard(key)
+            self._verified.pop(key, None)
             self._puts += 1
 
     async def aclose(self) -> None:

@@ -342,6 +342,35 @@ async def test_check_skipped_while_cas_unchanged_and_redone_after_a_put(tmp_path
     assert ac.skipped == 2 and ac.stats()["incomplete"] == 1
 
 
+async def test_entry_replaced_through_a_shared_cache_is_checked_again(tmp_path: Path) -> None:
+    """Two frontends over one shared inner cache (as with redis or grpc): B has checked and
+    remembered an entry; A replaces it with one naming a blob only A's CAS holds. B must check
+    the new entry (and hide it), not skip the check because nothing changed in B."""
+    shared = MemoryActionCache(0)
+    blobs_a, fs_a = await fs_blobs(tmp_path / "a")
+    blobs_b, fs_b = await fs_blobs(tmp_path / "b")
+    data, _ = build_result(blobs_a)
+    blobs_b.data = blobs_a.data
+    await blobs_a.store()
+    await blobs_b.store()
+    a = CompletenessCheckingActionCache(shared, fs_a)
+    b = CompletenessCheckingActionCache(shared, fs_b)
+    k = key("", 1)
+    await a.put(k, data)
+    assert await b.get(k) == data and await b.get(k) == data and b.skipped == 1
+    only_in_a = b"an output only frontend A has"
+    await fs_a.put_bytes(digest_of(only_in_a), only_in_a)
+    replaced = fastpb.ActionResult(
+        output_files=[fastpb.OutputFile(path="x", digest=wire(digest_of(only_in_a)))]
+    ).SerializeToString()
+    await a.put(k, replaced)
+    assert await a.get(k) == replaced
+    assert await b.get(k) is None
+    assert b.skipped == 1 and b.stats()["incomplete"] == 1
+    await fs_b.put_bytes(digest_of(only_in_a), only_in_a)
+    assert await b.get(k) == replaced and await b.get(k) == replaced and b.skipped == 2
+
+
 @pytest.mark.parametrize("how", ["evicted", "vanished", "discarded"])
 async def test_any_blob_removal_the_store_knows_of_forces_a_recheck(
     tmp_path: Path, how: str
