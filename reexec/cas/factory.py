@@ -9,6 +9,7 @@ from reexec.cas.action_cache import ActionCache, FilesystemActionCache, MemoryAc
 from reexec.cas.completeness import CompletenessCheckingActionCache
 from reexec.cas.fast_slow import FastSlowStore
 from reexec.cas.filesystem import FilesystemStore
+from reexec.cas.fs_shared import ProcessShare
 from reexec.cas.grpc_action_cache import GrpcActionCache
 from reexec.cas.grpc_store import GrpcStore, channel_factory
 from reexec.cas.memory import MemoryStore
@@ -36,6 +37,8 @@ async def build_store(spec: c.StoreConfig, data_dir: Path) -> Store:
             size,
             fsync=spec.fsync,
             max_blob_bytes=blob_limit(size, spec.max_blob_fraction),
+            # Set by the supervisor of `[server] processes = N` (reexec/daemon/supervisor.py).
+            shared=ProcessShare.from_environment(),
         )
         await fs.start()
         return fs

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -11,8 +13,12 @@ import trio
 import trio_asyncio  # noqa: F401
 
 from reexec import __version__
-from reexec.daemon.config import ConfigError, load_config
+from reexec.daemon.config import ConfigError, check_processes_role, load_config
 from reexec.daemon.logs import setup_logging
+
+if TYPE_CHECKING:
+    from reexec.daemon.config import Config
+    from reexec.daemon.supervisor import ChildFailed
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
+        if args.command in ("serve", "scheduler"):
+            check_processes_role(config, args.command)
     except ConfigError as e:
         print(f"reexecd: {e}", file=sys.stderr)
         return 2
@@ -98,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     from reexec.daemon import tuning
 
     tuning.apply()
-    from functools import partial
-
     from reexec.daemon.app import run_daemon
     from reexec.daemon.worker_role import run_worker
 
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         main_fn = partial(
             run_daemon, config, local_worker=False, config_path=args.config, role="storage"
         )
+        own_argv = sys.argv[1:] if argv is None else argv
+        main_fn = _supervised(config, main_fn, own_argv, args.config)
     else:
         main_fn = partial(
             run_daemon, config, local_worker=args.command == "serve", config_path=args.config
@@ -127,8 +135,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _start_up_error(e: BaseException) -> ConfigError | OSError | None:
-    """The configuration or OS error behind `e`, if that is all it is."""
+def _supervised(config: Config, main_fn: Any, argv: list[str], config_path: str | None) -> Any:
+    """With `server.processes > 1`: the supervisor of N copies of this command, or one of
+    those copies (reexec/daemon/supervisor.py); otherwise `main_fn` unchanged."""
+    from reexec.cas.fs_shared import ProcessShare
+    from reexec.daemon.supervisor import as_child, run_supervisor
+
+    share = ProcessShare.from_environment()
+    if share is not None:
+        as_child(config, share)
+        return main_fn
+    if config.server.processes > 1:
+        return partial(run_supervisor, config, argv, config_path)
+    return main_fn
+
+
+def _start_up_error(e: BaseException) -> ConfigError | OSError | ChildFailed | None:
+    """The configuration, OS or supervised-start error behind `e`, if that is all it is."""
+    from reexec.daemon.supervisor import ChildFailed
+
     while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
         e = e.exceptions[0]
-    return e if isinstance(e, ConfigError | OSError) else None
+    return e if isinstance(e, ConfigError | OSError | ChildFailed) else None

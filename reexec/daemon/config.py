@@ -15,13 +15,19 @@ import msgspec
 
 from reexec.cas.config import (
     ActionCacheConfig,
+    CompletenessCheckingActionCacheConfig,
+    FastSlowStoreConfig,
+    FilesystemActionCacheConfig,
     GrpcActionCacheConfig,
     GrpcStoreConfig,
+    MemoryActionCacheConfig,
+    MemoryStoreConfig,
     ShardStoreConfig,
     StoreConfig,
     default_action_cache,
     default_store,
 )
+from reexec.cas.fs_shared import MAX_SLOTS
 from reexec.cas.grpc_store import channel_factory
 from reexec.configtypes import ByteSize, ConfigStruct, parse_size
 from reexec.sandbox.config import SchedulerUrlError, WorkerConfig, scheduler_urls
@@ -90,6 +96,10 @@ class ServerConfig(_Base):
     name is the capability to watch or cancel it, so listing them would hand out every
     client's operations (operators list them on the status socket). Default false."""
     tls: TlsConfig | None = None
+    processes: int = 1
+    """Serving processes, under one supervisor: they share the listen addresses (SO_REUSEPORT,
+    the kernel spreads connections) and the filesystem stores. 1 (default): one process. Only
+    roles without a scheduler (`reexecd storage`) may run several for now."""
 
 
 class LogConfig(_Base):
@@ -184,6 +194,7 @@ def check_semantics(config: Config, source: str) -> None:
         scheduler_urls(config.worker.scheduler)
     except SchedulerUrlError as e:
         fail(f"worker.scheduler{e.key}", e.why)
+    _check_processes(config, fail)
     if config.server.max_connections < 0:
         fail("server.max_connections", "must not be negative (0: derived from the fd limit)")
     if config.server.max_open_uploads < 1:
@@ -202,6 +213,66 @@ def check_semantics(config: Config, source: str) -> None:
             fail(f"server.{key}", "must be a number of seconds, not nan")
         if value < 0:
             fail(f"server.{key}", "must not be negative")
+
+
+def _check_processes(config: Config, fail: Any) -> None:
+    """`server.processes`: in range, and with more than one, only what N processes can share."""
+    n = config.server.processes
+    if not 1 <= n <= MAX_SLOTS:
+        fail("server.processes", f"must be between 1 and {MAX_SLOTS}")
+    if n == 1:
+        return
+    for i, addr in enumerate(config.server.listen):
+        if parse_listen(addr)[1] == 0:
+            fail(
+                f"server.listen[{i}]",
+                f"port 0 would give each of the {n} processes its own port; with "
+                "server.processes > 1 name the port",
+            )
+    why = f"is not shared between processes (server.processes = {n})"
+    for key, node in _store_nodes("cas", config.cas):
+        if isinstance(node, MemoryStoreConfig):
+            fail(
+                key,
+                f"type = 'memory' {why}: blobs stored through one process would be missing in "
+                "the others; use 'filesystem' (or memory as the `fast` of a fast_slow store)",
+            )
+    ac = config.action_cache
+    while isinstance(ac, CompletenessCheckingActionCacheConfig):
+        ac = ac.inner
+    if isinstance(ac, MemoryActionCacheConfig | FilesystemActionCacheConfig):
+        fail(
+            "action_cache",
+            f"type = {ac.__struct_config__.tag!r} {why}: each process would keep its own index "
+            "of results; use type = 'redis' (or 'grpc')",
+        )
+
+
+def _store_nodes(prefix: str, node: Any) -> list[tuple[str, Any]]:
+    """Every store in a tree with its key, except the per-process `fast` caches of fast_slow
+    stores (a cache of the shared `slow` store needs no sharing)."""
+    out = [(prefix, node)]
+    for child in ("inner", "slow", "small", "large"):
+        if hasattr(node, child):
+            out += _store_nodes(f"{prefix}.{child}", getattr(node, child))
+    if isinstance(node, FastSlowStoreConfig) and not isinstance(node.fast, MemoryStoreConfig):
+        out += _store_nodes(f"{prefix}.fast", node.fast)
+    for i, shard in enumerate(getattr(node, "shards", ())):
+        out += _store_nodes(f"{prefix}.shards[{i}].store", shard.store)
+    return out
+
+
+def check_processes_role(config: Config, role: str) -> None:
+    """Several processes only for roles without a scheduler: a scheduler keeps its operations,
+    queues and workers in its own process's memory."""
+    n = config.server.processes
+    if n > 1 and role in ("serve", "scheduler"):
+        raise ConfigError(
+            f"server.processes = {n}: the {role!r} role runs a scheduler, and several "
+            "processes need scheduler state shared between them (operations, queues, workers), "
+            "which they do not have yet; use processes = 1 here, and run the CAS and action "
+            "cache on `reexecd storage` nodes with processes > 1"
+        )
 
 
 def _check_store(prefix: str, node: Any, fail: Any) -> None:

@@ -273,6 +273,9 @@ class GrpcServer:
         self.ssl_context = ssl_context
         self.unix_path = unix_path
         self.connections = ConnectionTracker(ConnectionLimits.from_config(settings))
+        # With `processes = N` every process binds the same addresses and the kernel spreads
+        # connections among them (SO_REUSEPORT; all must run as the same user).
+        self.reuse_port = settings.processes > 1
         self.addresses: list[tuple[str, int]] = []
         self._servers: list[Server] = []
         self._previous_handler: Any = None
@@ -294,7 +297,13 @@ class GrpcServer:
             server = _Server(
                 [self.servable], status_details_codec=StatusDetailsCodec(), tracker=self.connections
             )
-            await server.start(host, port, ssl=self.ssl_context, reuse_address=True)
+            await server.start(
+                host,
+                port,
+                ssl=self.ssl_context,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+            )
             self._servers.append(server)
             for sock in server._server.sockets:  # type: ignore[union-attr]
                 bound = sock.getsockname()
