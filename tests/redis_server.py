@@ -5,6 +5,7 @@
     server.url                                  # "unix:///.../redis.sock"
     server.stop(); server.start()               # "Redis stopped and restarted", same socket
     server.close()                              # stop, bounded (SIGTERM, then SIGKILL)
+    RedisServer(dir, tls=(cert, key)).tls_url   # also TLS on 127.0.0.1: "rediss://127.0.0.1:P"
 
 Debian's redis-server comes from scripts/install-system-deps.sh (`make test` runs it). Without
 it the tests that need Redis skip, except in CI (`CI` set), where they fail.
@@ -44,7 +45,9 @@ def require_redis_server() -> str:
 class RedisServer:
     """One redis-server process at a time on `directory/redis.sock`."""
 
-    def __init__(self, directory: Path, *, persistence: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, persistence: bool = False, tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.socket_path = self.directory / "redis.sock"
@@ -54,10 +57,17 @@ class RedisServer:
         self.binary = require_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.directory / "redis.log"
+        self.tls = tls
+        self.tls_port = _free_port() if tls is not None else 0
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket_path}"
+
+    @property
+    def tls_url(self) -> str:
+        assert self.tls is not None, "started without tls=(cert, key)"
+        return f"rediss://127.0.0.1:{self.tls_port}"
 
     def url_for_db(self, db: int) -> str:
         return f"{self.url}?db={db}"
@@ -87,6 +97,11 @@ class RedisServer:
             "--databases",
             "16",
         ]
+        if self.tls is not None:
+            cert, key = self.tls
+            args += ["--tls-port", str(self.tls_port), "--tls-cert-file", str(cert)]
+            args += ["--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
+            args += ["--tls-auth-clients", "no"]
         if self.persistence:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
@@ -153,3 +168,9 @@ class RedisServer:
             return self.log_path.read_text(errors="replace")[-2000:]
         except OSError:
             return "(no log)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

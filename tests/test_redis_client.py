@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 import trio
 import trio_asyncio
@@ -193,3 +197,33 @@ async def test_client_host_outlives_the_builder_scope(redis_server: RedisServer)
     assert got == [b"v"]
     with trio.move_on_after(5, shield=True):
         await host.aclose()
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1."""
+    key, cert = tmp_path / "redis.key", tmp_path / "redis.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "2", "-subj", "/CN=redis",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_rediss_verifies_the_server_certificate(self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="reexec-redis-")), tls=(cert, key))
+    server.start()
+    try:
+        async with connect(server.tls_url, timeout_s=2, tls_ca=str(cert)) as client:
+            await client.set("k", b"v")
+            assert await client.get("k") == b"v"
+        # Not signed by the system's CAs: refused, as UNAVAILABLE naming the reason.
+        async with connect(server.tls_url, timeout_s=2) as client:
+            with pytest.raises(RedisUnavailable, match="certificate verify failed"):
+                with redis_errors("get"):
+                    await client.get("k")
+    finally:
+        server.close()
