@@ -12,6 +12,9 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -253,3 +256,89 @@ def test_what_several_processes_cannot_share_is_refused(tmp_path, text, fragment
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, text))
     assert fragment in str(e.value)
+
+
+# -- under systemd ----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
+def _start_as_systemd_does(argv: list[str], env: dict[str, str], log_path: Path):
+    """WATCHDOG_PID is the main pid: a shell sets it, then execs the daemon, keeping its pid."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            ["sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh", *argv],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+async def test_supervisor_speaks_for_its_processes_to_systemd(aio_loop, tmp_path, redis_url):
+    """NotifyAccess=main: only the supervisor notifies. READY once both processes serve,
+    watchdog pings, SIGHUP reloads every process, SIGTERM: STOPPING and exit 0."""
+    from tests.daemon.test_systemd import Receiver, pumping
+
+    port = free_port()
+    cfg = tmp_path / "storage.toml"
+    cfg.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\nprocesses = 2\ngrace_period_s = 5\n'
+        f'[action_cache]\ntype = "redis"\nurl = "{redis_url}"\n'
+    )
+    data = tmp_path / "data"
+    with tempfile.TemporaryDirectory(prefix="sdn-", dir="/tmp") as sock_dir:
+        receiver = Receiver(f"{sock_dir}/notify")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+        env |= {"NOTIFY_SOCKET": f"{sock_dir}/notify", "WATCHDOG_USEC": "400000"}
+        env["PYTHONPATH"] = str(REPO)
+        argv = [sys.executable, "-m", "reexec.daemon", "storage", "--config", str(cfg)]
+        argv += ["--data-dir", str(data)]
+        log_path = tmp_path / "supervisor.log"
+        proc = _start_as_systemd_does(argv, env, log_path)
+        try:
+            async with pumping(receiver):
+
+                async def next_with(key: str, timeout: float = 30):
+                    with trio.fail_after(timeout):
+                        while True:
+                            while receiver.cursor < len(receiver.seen):
+                                m = receiver.seen[receiver.cursor]
+                                receiver.cursor += 1
+                                assert m.pid == proc.pid, f"{m.fields} from pid {m.pid}"
+                                if key in m.fields:
+                                    return m
+                            await trio.sleep(0.02)
+
+                ready = await next_with("READY")
+                assert ready.fields["STATUS"].startswith("2 processes serving on 127.0.0.1:")
+                # READY came after both processes were serving: both status sockets answer.
+                for s in (data / "reexecd.sock", data / "reexecd.sock.1"):
+                    assert (await trio.to_thread.run_sync(_status, s))["role"] == "storage"
+                await next_with("WATCHDOG")
+                proc.send_signal(signal.SIGHUP)
+                await next_with("RELOADING")
+                assert (await next_with("READY")).fields["STATUS"] == "configuration reloaded"
+                # Each logs "configuration reloaded", or which changes need a restart.
+                await _wait_for(
+                    lambda: (
+                        len(re.findall(r"configuration reloaded|reloaded the log", _read(log_path)))
+                        >= 3
+                    ),
+                    10,
+                    "the supervisor and both processes to reload",
+                )
+                proc.send_signal(signal.SIGTERM)
+                await next_with("STOPPING")
+                code = await trio.to_thread.run_sync(lambda: proc.wait(timeout=30))
+                assert code == 0, _read(log_path)[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            receiver.close()
