@@ -217,6 +217,20 @@ def is_unavailable(e: BaseException) -> bool:
     return isinstance(e, ResponseError) and str(e).startswith(_UNAVAILABLE_REPLIES)
 
 
+def describe(e: BaseException) -> str:
+    """`e`'s message and its root cause's: coredis wraps "connection refused", "no such file"
+    and "certificate verify failed" in one "Unable to establish a connection"."""
+    text = str(e) or type(e).__name__
+    root = e
+    while root.__cause__ is not None and len(text) < 500:
+        root = root.__cause__
+    if root is not e:
+        why = str(root) or type(root).__name__
+        if why not in text:
+            text = f"{text} ({why})"
+    return text
+
+
 @contextmanager
 def redis_errors(what: str, where: str = "") -> Iterator[None]:
     """Re-raise "Redis cannot answer now" errors as `RedisUnavailable("{what}: ...")`.
@@ -229,8 +243,7 @@ def redis_errors(what: str, where: str = "") -> Iterator[None]:
         if not is_unavailable(e):
             raise
         at = f" at {where}" if where else ""
-        detail = str(e) or type(e).__name__
-        raise RedisUnavailable(f"{what}: Redis{at} unavailable: {detail}") from e
+        raise RedisUnavailable(f"{what}: Redis{at} unavailable: {describe(e)}") from e
 
 
 class ClientHost:
