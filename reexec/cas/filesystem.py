@@ -337,18 +337,21 @@ class FilesystemStore(Store):
         Caller holds `_exclusive`.
 
         Candidates come from this process's index, oldest first; each is checked at its file
-        (`_try_evict`). What another process uses goes back as most recently used. If the index
-        runs out first (other processes stored what this one never saw), the index is rebuilt
-        from the directory once; beyond that, only blobs in use exceed the bound, as pinned
-        ones do in a single process.
+        (`_try_evict`). What another process used since this one did goes back as the most
+        recently used. At most three passes over the index: as it is; rebuilt from the
+        directory (other processes stored what this one never saw), ordered by the mtimes,
+        every process's last use; and, if every blob was used again meanwhile, once more in
+        that order without the recency check. Blobs being read (or pinned in this process) are
+        never taken: only they can keep the store over `max_bytes`, as pinned blobs do in a
+        single process.
         """
         ledger = self._ledger
         assert ledger is not None
         max_bytes = self._lru.max_bytes
         if max_bytes <= 0:
             return
-        budget = len(self._lru)  # keys to examine before rebuilding the index
-        rebuilt = False
+        budget = len(self._lru)  # keys to examine in this pass
+        passes = 0
         while True:
             state = ledger.read()
             excess = state.stored + state.reserved_total - max_bytes
@@ -356,22 +359,24 @@ class FilesystemStore(Store):
                 return
             batch = self._lru.take_oldest(excess, EVICT_BATCH) if budget > 0 else []
             if not batch:
-                if rebuilt:
+                if passes == 2:
                     log.warning(
                         "filesystem store %s: %d bytes over max_bytes, all of them in use",
                         self.root,
                         excess,
                     )
                     return
-                entries = await trio.to_thread.run_sync(self._scan_blobs)
-                self._lru.replace((d, d.size) for _, d in entries)
-                self._used = {d: mtime for mtime, d in entries}
-                budget, rebuilt = len(self._lru), True
+                if passes == 0:
+                    entries = await trio.to_thread.run_sync(self._scan_blobs)
+                    self._lru.replace((d, d.size) for _, d in entries)
+                    self._used = {d: mtime for mtime, d in entries}
+                passes += 1
+                budget = len(self._lru)
                 continue
             budget -= len(batch)
             evicted = 0
             for d, size in batch:
-                verdict, mtime = self._try_evict(d)
+                verdict, mtime = self._try_evict(d, recency=passes < 2)
                 if verdict is _EVICTED:
                     ledger.add_stored(-size)  # after the unlink: killed before, too high
                     self._used.pop(d, None)
@@ -386,9 +391,9 @@ class FilesystemStore(Store):
             self._lru.evictions += evicted
             await trio.lowlevel.checkpoint()
 
-    def _try_evict(self, digest: Digest) -> tuple[str, int]:
-        """Unlink the blob unless another process reads it or used it after this one did.
-        Returns the verdict and, when it stays, the file's mtime."""
+    def _try_evict(self, digest: Digest, *, recency: bool = True) -> tuple[str, int]:
+        """Unlink the blob unless another process reads it or (with `recency`) used it after
+        this one did. Returns the verdict and, when it stays, the file's mtime."""
         path = self.blob_path_str(digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -402,7 +407,7 @@ class FilesystemStore(Store):
             st = os.fstat(fd)
             if st.st_nlink == 0:
                 return _GONE, 0
-            if st.st_mtime_ns > self._used.get(digest, 0):
+            if recency and st.st_mtime_ns > self._used.get(digest, 0):
                 return _IN_USE, st.st_mtime_ns
             # Counted first, so whoever sees the blob gone sees the count changed.
             assert self._ledger is not None
