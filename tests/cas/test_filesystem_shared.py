@@ -104,13 +104,15 @@ async def test_a_blob_another_process_reads_is_not_evicted(tmp_path: Path) -> No
     b = await open_shared(tmp_path, 1, cap)
     old = blob(20_000, 7)
     d_old = digest_of(old)
-    await b.put_bytes(d_old, old)  # b knows it as its own, oldest blob
+    await b.put_bytes(d_old, old)
     async with a.open_read(d_old) as reader:
         first = await reader.read(1000)
-        # b needs room and its oldest blob is the one a is reading.
+        # b used it last (no other process did since), so only a's read lock keeps it.
+        assert await b.find_missing([d_old]) == []
         await b.put_bytes(digest_of(blob(20_000, 8)), blob(20_000, 8))
         await b.put_bytes(digest_of(blob(20_000, 9)), blob(20_000, 9))
         assert a.blob_path(d_old).exists(), "evicted while another process read it"
+        assert bytes_on_disk(tmp_path) <= cap
         rest = await reader.read(100_000)
     assert first + rest == old
 
