@@ -83,6 +83,10 @@ _LOWER_HEX = re.compile(r"[0-9a-f]+")
 INLINE_CHECKS = 64
 EVICT_BATCH = 64
 
+# Shared mode: a blob used this recently by this process is not touched again (one utime(2) per
+# blob and second at most): other processes see its use time to within this interval.
+TOUCH_INTERVAL_NS = 1_000_000_000
+
 # What an evictor found when it tried to remove one blob (shared mode).
 _EVICTED, _GONE, _IN_USE = "evicted", "gone", "in use"
 
@@ -242,10 +246,17 @@ class FilesystemStore(Store):
     def _use_all(self, digests: Sequence[Digest]) -> list[int | None]:
         """Set each blob's mtime to now (the use every process sees); None where it is gone."""
         out: list[int | None] = []
+        known = self._used
         for d in digests:
+            path = self.blob_path_str(d)
+            # Blobs this process has not seen are mostly absent: access(2) answers that without
+            # raising (half the cost of a failed utime(2)).
+            if d not in known and not os.access(path, os.F_OK):
+                out.append(None)
+                continue
             now = time.time_ns()
             try:
-                os.utime(self.blob_path_str(d), ns=(now, now))
+                os.utime(path, ns=(now, now))
             except FileNotFoundError:
                 out.append(None)
             else:
@@ -266,12 +277,26 @@ class FilesystemStore(Store):
         return missing
 
     async def _check_shared(self, digests: Sequence[Digest]) -> list[Digest]:
-        """Which of `digests` (deduplicated, none empty) are missing; marks the rest used."""
-        if len(digests) <= INLINE_CHECKS:
-            used = self._use_all(digests)
+        """Which of `digests` (deduplicated, none empty) are missing; marks the rest used.
+
+        A blob this process used less than TOUCH_INTERVAL_NS ago is taken as present without
+        a system call: its mtime already says it was used that recently.
+        """
+        recent = time.time_ns() - TOUCH_INTERVAL_NS
+        used_at = self._used
+        check = [d for d in digests if used_at.get(d, 0) < recent]
+        if not check:
+            used: list[int | None] = []
+        elif len(check) <= INLINE_CHECKS:
+            used = self._use_all(check)
         else:
-            used = await trio.to_thread.run_sync(self._use_all, digests)
-        return self._note_uses(digests, used)
+            used = await trio.to_thread.run_sync(self._use_all, check)
+        if len(check) < len(digests):
+            touch = self._lru.touch
+            for d in digests:
+                if used_at.get(d, 0) >= recent:
+                    touch(d)
+        return self._note_uses(check, used)
 
     async def _present(self, digest: Digest) -> bool:
         """Whether the blob is stored, marking it used (by the index, or the file if shared)."""
@@ -524,6 +549,7 @@ class FilesystemStore(Store):
 
     def _drop(self, digest: Digest) -> None:
         """Remove a blob from the index that did not leave by eviction (on the loop)."""
+        self._used.pop(digest, None)
         if self._lru.remove(digest) is not None:
             self._forgotten += 1
 

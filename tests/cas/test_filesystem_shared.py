@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from reexec.cas import filesystem
 from reexec.cas.digest import Digest, digest_of
 from reexec.cas.filesystem import FilesystemStore
 from reexec.cas.fs_shared import ProcessShare
@@ -98,7 +99,9 @@ async def test_reservations_count_across_processes(tmp_path: Path) -> None:
     assert a.stats()["reserved_bytes"] == 0
 
 
-async def test_a_blob_another_process_reads_is_not_evicted(tmp_path: Path) -> None:
+async def test_a_blob_another_process_reads_is_not_evicted(tmp_path: Path, monkeypatch) -> None:
+    # Every use is written to the file at once, so b's last use is later than a's.
+    monkeypatch.setattr(filesystem, "TOUCH_INTERVAL_NS", 0)
     cap = 50_000
     a = await open_shared(tmp_path, 0, cap)
     b = await open_shared(tmp_path, 1, cap)
