@@ -23,7 +23,7 @@ from grpclib.server import Server
 
 from reexec.daemon.channels import scheduler_endpoints
 from reexec.daemon.config import Config, ConfigError, load_config
-from reexec.daemon.status_cli import request
+from reexec.daemon.status_cli import render, request
 from reexec.grpc_client import aio
 from reexec.rpc import StatusDetailsCodec
 from reexec.sandbox.agent import AgentSettings, SchedulerEndpoint, WorkerAgent
@@ -289,8 +289,33 @@ async def test_result_finished_while_disconnected_is_sent_after_register(aio_loo
     assert agent.results_sent_late == 1
     executor.finish("op2")
     await wait_for(lambda: b.finished == [("op1", 1), ("op2", 1)])
-    kinds = [k for k, _ in b.received]
-    assert kinds.index("finished") < len(kinds)
+    await b.stop()
+
+
+async def test_a_result_whose_send_fails_is_held_and_sent_again(aio_loop, nursery, monkeypatch):
+    b = FakeScheduler()
+    await b.start()
+    executor = FakeExecutor()
+    agent = make_agent([b.url], executor)
+    await start_agent(nursery, agent)
+    await wait_for(lambda: agent.scheduler_url == b.url)
+    send = agent._send
+    failures = []
+
+    async def flaky_send(msg: Any) -> None:
+        if msg.WhichOneof("kind") == "finished" and not failures:
+            failures.append(msg)
+            raise ConnectionError("a send that failed")
+        await send(msg)
+
+    monkeypatch.setattr(agent, "_send", flaky_send)
+    b.start_execute("op1")
+    await wait_for(lambda: executor.started == ["op1"])
+    executor.finish("op1")
+    await wait_for(lambda: b.finished == [("op1", 1)])
+    assert len(failures) == 1
+    assert agent.results_held == 1 and agent.results_sent_late == 1
+    assert agent.sessions == 1  # sent again on the same stream
     await b.stop()
 
 
@@ -472,11 +497,13 @@ async def test_worker_process_moves_to_the_second_scheduler_when_the_first_is_ki
     with a, b:
         w.start()
         try:
-            await wait_for(lambda: "worker connected" in a.log_text(), timeout=30)
-            assert "worker connected" not in b.log_text()
+            a_url = f"grpc://127.0.0.1:{a.port}"
+            await wait_for(lambda: f"connected to the scheduler {a_url}" in w.log_text(), 30)
+            assert "worker connected" in a.log_text(), a.log_text()
+            assert "worker connected" not in b.log_text(), w.log_text()
             a.stop(signal.SIGKILL)
             await wait_for(lambda: "worker connected" in b.log_text(), timeout=30)
-            assert f"lost the scheduler grpc://127.0.0.1:{a.port}" in w.log_text()
+            assert f"lost the scheduler {a_url}" in w.log_text(), w.log_text()
             channel = await open_channel(b.port)
             try:
                 digest = await upload_action(channel, ["sh", "-c", "echo on-b"])
@@ -484,7 +511,7 @@ async def test_worker_process_moves_to_the_second_scheduler_when_the_first_is_ki
                 with trio.fail_after(30):
                     await call.run()
                 r = call.response
-                assert r is not None and r.status.code == 0, r
+                assert r is not None and r.status.code == 0, (r, w.log_text())
                 assert r.result.exit_code == 0
                 assert r.result.execution_metadata.worker == "w1"
             finally:
@@ -507,3 +534,22 @@ async def test_worker_process_moves_to_the_second_scheduler_when_the_first_is_ki
         finally:
             if w.returncode is None:
                 assert w.stop() == 0
+
+
+def test_status_render_names_the_scheduler_of_a_worker_with_several():
+    worker = {
+        "id": "w1",
+        "slots": 2,
+        "running": [],
+        "draining": False,
+        "completed": 3,
+        "cache": {"files": 0, "bytes": 0},
+        "scheduler": None,
+        "schedulers": ["grpc://a:1", "grpc://b:1"],
+        "held_results": [{"operation": "op1", "attempt": 1}],
+    }
+    text = render({"role": "worker", "version": "x", "pid": 1, "uptime_s": 1, "worker": worker})
+    assert "Scheduler: none (reconnecting) (of 2); 1 result(s) held" in text
+    worker["scheduler"], worker["held_results"] = "grpc://b:1", []
+    text = render({"role": "worker", "version": "x", "pid": 1, "uptime_s": 1, "worker": worker})
+    assert "Scheduler: grpc://b:1 (of 2); 0 result(s) held" in text

@@ -154,6 +154,12 @@ def render(doc: dict[str, Any]) -> str:
             + (" [DRAINING]" if worker["draining"] else "")
             + f", {worker['completed']:,} actions done; cache {c['files']:,} files, {_bytes(c['bytes'])}"
         )
+        schedulers = worker.get("schedulers") or []
+        if len(schedulers) > 1 or worker.get("held_results"):
+            lines.append(
+                f"  Scheduler: {worker.get('scheduler') or 'none (reconnecting)'}"
+                f" (of {len(schedulers)}); {len(worker.get('held_results') or [])} result(s) held"
+            )
     return "\n".join(lines)
 
 

@@ -126,6 +126,7 @@ class WorkerAgent:
         self.pending = PendingResults(settings.max_pending_results, settings.max_pending_bytes)
         self._all_sent = trio.Event()
         self._all_sent.set()
+        self._held = trio.Event()  # set when a result is held; the session sends it
         self.results_held = 0
         self.results_sent_late = 0
         self._stream = None
@@ -299,7 +300,9 @@ class WorkerAgent:
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keepalive, interval)
+                        self._held = trio.Event()
                         await self._send_held(endpoint)
+                        nursery.start_soon(self._send_held_later, endpoint)
                         if self._going_away:
                             await self._send_going_away()
                         await self._receive(stream, actions)
@@ -322,6 +325,14 @@ class WorkerAgent:
                 self.results_sent_late += 1
                 log.info("sent the held result of %s attempt %d to %s", *key, endpoint.url)
         self._all_sent.set()
+
+    async def _send_held_later(self, endpoint: SchedulerEndpoint) -> None:
+        """A result held during the session (its send failed: the stream is probably broken)
+        is sent again here; if that fails too, the session ends and the next one sends it."""
+        while True:
+            await self._held.wait()
+            self._held = trio.Event()
+            await self._send_held(endpoint)
 
     async def _deliver(self, key: Attempt, msg: fastpb.Message) -> None:
         """Send a result now if connected and no older one waits; otherwise hold it."""
@@ -348,6 +359,7 @@ class WorkerAgent:
             )
         if not self.pending:
             self._all_sent.set()
+        self._held.set()
 
     async def _send(self, msg: fastpb.Message) -> None:
         stream = self._stream
