@@ -28,6 +28,7 @@ from reexec.grpc_client import aio
 from reexec.rpc import StatusDetailsCodec
 from reexec.sandbox.agent import AgentSettings, SchedulerEndpoint, WorkerAgent
 from reexec.sandbox.config import WorkerConfig
+from reexec.sched.state import Stage
 from reexec.worker_protocol import CONNECT, SchedulerMessage, WorkerMessage
 from tests.conftest import open_channel
 from tests.e2e.harness import ReexecdProcess, free_port
@@ -476,17 +477,19 @@ def _scheduler(tmp_path: Path, name: str) -> ReexecdProcess:
 
 
 async def test_worker_process_moves_to_the_second_scheduler_when_the_first_is_killed(
-    aio_loop, tmp_path
+    aio_loop, tmp_path, nursery
 ):
     """Two `reexecd scheduler`s (each its own state and CAS), one `reexecd worker` given both.
-    SIGKILL of the first: the worker registers with the second and runs its actions, reading
-    and writing that scheduler's CAS."""
+    SIGKILL of the first while the worker runs one of its actions: the worker registers with
+    the second, naming the running attempt, and runs its actions, reading and writing that
+    scheduler's CAS. (The second scheduler does not share the first's state: it cancels the
+    stale attempt.)"""
     a = _scheduler(tmp_path, "a")
     b = _scheduler(tmp_path, "b")
     cfg = tmp_path / "w.toml"
     cfg.write_text(
         f'[worker]\nscheduler = ["grpc://127.0.0.1:{a.port}", "grpc://127.0.0.1:{b.port}"]\n'
-        'worker_id = "w1"\nmax_inflight_tasks = 1\ndrain_timeout_s = 10\n'
+        'worker_id = "w1"\nmax_inflight_tasks = 2\ndrain_timeout_s = 10\n'
     )
     w = ReexecdProcess(
         tmp_path / "w",
@@ -501,9 +504,28 @@ async def test_worker_process_moves_to_the_second_scheduler_when_the_first_is_ki
             await wait_for(lambda: f"connected to the scheduler {a_url}" in w.log_text(), 30)
             assert "worker connected" in a.log_text(), a.log_text()
             assert "worker connected" not in b.log_text(), w.log_text()
-            a.stop(signal.SIGKILL)
-            await wait_for(lambda: "worker connected" in b.log_text(), timeout=30)
-            assert f"lost the scheduler {a_url}" in w.log_text(), w.log_text()
+            on_a = await open_channel(a.port)
+            try:
+                slow = await upload_action(on_a, ["sh", "-c", "sleep 60"])
+                running = ExecuteCall(on_a, execute_request(slow, skip_cache_lookup=True))
+                nursery.start_soon(running.run)
+                await wait_for(lambda: Stage.EXECUTING in running.stages, 30)
+                await trio.sleep(1.0)  # the worker has it (sleep 60 runs, as a rule)
+                a.stop(signal.SIGKILL)
+                await wait_for(lambda: running.finished.is_set(), 30)
+            finally:
+                on_a.close()
+            b_url = f"grpc://127.0.0.1:{b.port}"
+            await wait_for(lambda: f"connected to the scheduler {b_url}" in w.log_text(), 30)
+            log = w.log_text()
+            assert f"lost the scheduler {a_url}" in log, log
+            # The attempt moves with the worker: still running (the rule), or, if it failed
+            # in the moment A died (its inputs came from A's CAS), as a held result.
+            assert (
+                f"connected to the scheduler {b_url} as w1 (1 running, 0 result(s)" in log
+                or f"connected to the scheduler {b_url} as w1 (0 running, 1 result(s)" in log
+            ), log
+            assert "worker connected" in b.log_text()
             channel = await open_channel(b.port)
             try:
                 digest = await upload_action(channel, ["sh", "-c", "echo on-b"])

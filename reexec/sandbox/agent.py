@@ -6,8 +6,9 @@
        ├─ action tasks           ActionExecutor.execute -> Finished, each in its own cancel
        │                         scope (CancelExecute, drain timeout)
        └─ _stay_connected        reconnect loop over the scheduler list, exponential backoff
-          └─ session nursery     one per connection
+          └─ session nursery     one per connection, after Register and the held results
              ├─ _keepalive       Keepalive and a Progress per running action every interval
+             ├─ _send_held_later a result held during the session (its send failed), again
              └─ _receive         StartExecute -> precondition script -> start an action task
 
 **Several schedulers.** The agent is given a list of schedulers (`worker.scheduler`, one URL
