@@ -194,6 +194,8 @@ def check_semantics(config: Config, source: str) -> None:
         scheduler_urls(config.worker.scheduler)
     except SchedulerUrlError as e:
         fail(f"worker.scheduler{e.key}", e.why)
+    if not config.worker.scheduler_keepalive_s >= 0:  # NaN too
+        fail("worker.scheduler_keepalive_s", "must be 0 (off) or a positive number of seconds")
     _check_processes(config, fail)
     if config.server.max_connections < 0:
         fail("server.max_connections", "must not be negative (0: derived from the fd limit)")
