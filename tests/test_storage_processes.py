@@ -106,6 +106,7 @@ async def test_storage_with_two_processes(aio_loop, tmp_path, redis_url):
         log_dir=tmp_path / "log",
     )
     with daemon:
+        started = time.monotonic()
         docs = await _wait_for(
             lambda: all(_status(s) for s in socks) and [_status(s) for s in socks],
             30,
@@ -147,6 +148,11 @@ async def test_storage_with_two_processes(aio_loop, tmp_path, redis_url):
         )
         assert "restarting it in" in log
         await _find_missing_on_new_connections(port, 10, d)
+        # Children outlive the supervisor's threads: their parent-death signal is tied to the
+        # thread that forked them, which must not be a Trio worker thread (gone after 10 s idle).
+        await trio.sleep(max(0.0, 11.5 - (time.monotonic() - started)))
+        assert _alive(pids[0]) and _alive(new_pid)
+        assert daemon.log_text().count("exited unexpectedly") == 1
 
         # SIGTERM: every process drains and exits, then the supervisor, with 0.
         code = await trio.to_thread.run_sync(daemon.stop)

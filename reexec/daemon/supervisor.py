@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,7 +73,7 @@ class ChildFailed(Exception):
 class _Child:
     slot: int
     notify_path: str
-    process: trio.Process | None = None
+    process: subprocess.Popen[bytes] | None = None
     ready: trio.Event = field(default_factory=trio.Event)
     restarts: int = 0
 
@@ -147,14 +148,18 @@ class Supervisor:
         while not self._draining:
             child.ready = trio.Event()
             started = trio.current_time()
-            child.process = await trio.lowlevel.open_process(
+            # Forked on this thread, the main one, never on a Trio worker thread: the child's
+            # parent-death signal (`_die_with_parent`) fires when the forking *thread* exits,
+            # and Trio's worker threads exit after 10 s idle.
+            child.process = subprocess.Popen(  # noqa: ASYNC220 - a few ms, rarely; see above
                 [sys.executable, "-m", "reexec.daemon", *self.argv],
                 env=self._child_environment(child),
+                stdin=subprocess.DEVNULL,
             )
             log.info("process %d started (pid %d)", child.slot, child.process.pid)
             if self._draining:  # the drain began while it was being started
                 _signal(child.process, signal.SIGTERM)
-            code = await child.process.wait()
+            code = await _wait(child.process)
             if self._draining:
                 return
             if not child.ready.is_set() and child.restarts == 0:
@@ -187,7 +192,7 @@ class Supervisor:
         with trio.move_on_after(limit):
             for child in self._children:
                 if child.process is not None:
-                    await child.process.wait()
+                    await _wait(child.process)
         left = [c.process for c in self._children if c.process and c.process.returncode is None]
         if left:
             log.warning(
@@ -197,7 +202,7 @@ class Supervisor:
                 _signal(proc, signal.SIGKILL)
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 for proc in left:
-                    await proc.wait()
+                    await _wait(proc)
         for child in self._children:
             if child.process is not None and child.process.returncode not in (0, None):
                 log.warning(
@@ -220,11 +225,22 @@ class Supervisor:
         return ["server.processes"] if new.server.processes != self.processes else []
 
 
-def _signal(proc: trio.Process, signum: int) -> None:
+async def _wait(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for `proc` to exit (its pidfd turns readable) and reap it; its exit status."""
+    if proc.returncode is not None:
+        return proc.returncode
+    pidfd = os.pidfd_open(proc.pid)
     try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return proc.wait()
+
+
+def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:
+    if proc.returncode is None:
+        # Popen.send_signal does nothing once the child is reaped, so never a reused pid.
         proc.send_signal(signum)
-    except ProcessLookupError:
-        pass
 
 
 def _describe(code: int | None) -> str:
