@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -438,6 +439,21 @@ def test_config_bad_scheduler_lists_are_refused(tmp_path, value, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_config_bad_scheduler_keepalive_is_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"worker\.scheduler_keepalive_s: must be 0 \(off\)"):
+        _load(tmp_path, f"scheduler_keepalive_s = {value}")
+
+
+def test_scheduler_channels_ping_unless_keepalive_is_off():
+    from reexec.daemon.channels import _keepalive
+
+    assert _keepalive(0) is None
+    config = _keepalive(2.5)
+    assert config is not None
+    assert config._keepalive_time == 2.5 and config._keepalive_timeout == 2.5
+
+
 def test_worker_role_needs_a_scheduler():
     with pytest.raises(ConfigError, match=r"worker\.scheduler: required"):
         scheduler_endpoints(Config())
@@ -575,3 +591,47 @@ def test_status_render_names_the_scheduler_of_a_worker_with_several():
     worker["scheduler"], worker["held_results"] = "grpc://b:1", []
     text = render({"role": "worker", "version": "x", "pid": 1, "uptime_s": 1, "worker": worker})
     assert "Scheduler: grpc://b:1 (of 2); 0 result(s) held" in text
+
+
+async def test_worker_process_leaves_a_stopped_scheduler(aio_loop, tmp_path):
+    """SIGSTOP of the first scheduler: its kernel still holds the connection, but nothing
+    answers the worker's HTTP/2 PINGs; the worker moves to the second within a few keepalive
+    intervals (not after TCP's minutes)."""
+    a = _scheduler(tmp_path, "a")
+    b = _scheduler(tmp_path, "b")
+    a_url, b_url = f"grpc://127.0.0.1:{a.port}", f"grpc://127.0.0.1:{b.port}"
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(
+        f'[worker]\nscheduler = ["{a_url}", "{b_url}"]\nscheduler_keepalive_s = 0.5\n'
+        'worker_id = "w1"\nmax_inflight_tasks = 1\ndrain_timeout_s = 10\n'
+    )
+    w = ReexecdProcess(
+        tmp_path / "w",
+        args=["worker", "--config", str(cfg), "--data-dir", str(tmp_path / "w")],
+        log_dir=tmp_path / "w-log",
+        wait_ready=False,
+    )
+    with a, b:
+        w.start()
+        try:
+            await wait_for(lambda: f"connected to the scheduler {a_url}" in w.log_text(), 30)
+            os.kill(a.pid, signal.SIGSTOP)
+            try:
+                with trio.fail_after(10):
+                    while f"connected to the scheduler {b_url}" not in w.log_text():
+                        await trio.sleep(0.05)
+            finally:
+                os.kill(a.pid, signal.SIGCONT)
+            assert f"lost the scheduler {a_url}" in w.log_text()
+            channel = await open_channel(b.port)
+            try:
+                digest = await upload_action(channel, ["sh", "-c", "echo after-stop"])
+                call = ExecuteCall(channel, execute_request(digest, skip_cache_lookup=True))
+                with trio.fail_after(30):
+                    await call.run()
+                assert call.response.result.execution_metadata.worker == "w1"
+            finally:
+                channel.close()
+        finally:
+            if w.returncode is None:
+                assert w.stop() == 0

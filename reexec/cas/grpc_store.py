@@ -20,6 +20,7 @@ from typing import Any
 import trio
 import trio_asyncio
 from grpclib.client import Channel, Stream
+from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
@@ -324,9 +325,11 @@ class _Writer:
             pass  # the stream is gone either way
 
 
-def channel_factory(url: str, *, tls_ca: str | None = None) -> ChannelFactory:
+def channel_factory(
+    url: str, *, tls_ca: str | None = None, config: Configuration | None = None
+) -> ChannelFactory:
     """Channels to `grpc://host:port` or `grpcs://host:port` (TLS, verified with `tls_ca` or
-    the system's CAs)."""
+    the system's CAs), with grpclib's `config` (e.g. HTTP/2 keepalive pings) if given."""
     scheme, sep, rest = url.partition("://")
     host, _, port = rest.rpartition(":")
     if not sep or scheme not in ("grpc", "grpcs") or not host or not port.isdigit():
@@ -339,7 +342,11 @@ def channel_factory(url: str, *, tls_ca: str | None = None) -> ChannelFactory:
     async def make() -> Channel:
         async def inner() -> Channel:
             return Channel(
-                host.strip("[]"), int(port), ssl=ctx, status_details_codec=StatusDetailsCodec()
+                host.strip("[]"),
+                int(port),
+                ssl=ctx,
+                status_details_codec=StatusDetailsCodec(),
+                config=config,
             )
 
         return await trio_asyncio.aio_as_trio(inner)()

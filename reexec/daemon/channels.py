@@ -8,6 +8,7 @@ import socket
 import trio
 import trio_asyncio
 from grpclib.client import Channel
+from grpclib.config import Configuration
 
 from reexec.cas.grpc_store import ChannelFactory, channel_factory
 from reexec.daemon.config import Config, ConfigError
@@ -25,17 +26,36 @@ def scheduler_endpoints(config: Config) -> list[SchedulerEndpoint]:
         raise ConfigError(str(e)) from None
     if not urls:
         raise ConfigError("worker.scheduler: required for `reexecd worker` (or pass --scheduler)")
+    keepalive = _keepalive(config.worker.scheduler_keepalive_s)
     endpoints = []
     for url in urls:
         try:
             endpoints.append(
-                SchedulerEndpoint(url, channel_factory(url, tls_ca=config.worker.tls_ca))
+                SchedulerEndpoint(
+                    url, channel_factory(url, tls_ca=config.worker.tls_ca, config=keepalive)
+                )
             )
         except ValueError as e:
             raise ConfigError(f"worker.scheduler: {e}") from None
         except OSError as e:
             raise ConfigError(f"worker.tls_ca: cannot load {config.worker.tls_ca}: {e}") from None
     return endpoints
+
+
+def _keepalive(interval_s: float) -> Configuration | None:
+    """grpclib's client keepalive: a PING every `interval_s` while a stream is open (the
+    worker's Connect stream always is), the connection closed if one is not answered within
+    `interval_s`. (grpclib names these options with a leading underscore; its server answers
+    pings however often they come.)"""
+    if not interval_s > 0:
+        return None
+    return Configuration(
+        _keepalive_time=interval_s,
+        _keepalive_timeout=interval_s,
+        _keepalive_permit_without_calls=False,
+        _http2_max_pings_without_data=0,
+        _http2_min_sent_ping_interval_without_data=interval_s,
+    )
 
 
 def unix_channel_factory(path: str) -> ChannelFactory:

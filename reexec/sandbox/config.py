@@ -73,6 +73,10 @@ class WorkerConfig(ConfigStruct):
     """On SIGTERM, how long running actions may finish before they are cancelled."""
     precondition_script: str | None = None
     """Run before accepting each action; a non-zero exit declines it (offered elsewhere)."""
+    scheduler_keepalive_s: float = 10.0
+    """While connected, an HTTP/2 PING to the scheduler this often; one unanswered for as long
+    ends the connection (a host gone silent, a stopped process), and the worker moves to the
+    next scheduler. 0: off (a vanished host is then noticed only by TCP, after minutes)."""
     tls_ca: str | None = None
     """CA bundle to verify a grpcs:// scheduler."""
     token_file: str | None = None
