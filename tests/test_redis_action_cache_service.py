@@ -16,6 +16,7 @@ from reexec.daemon.config import SchedulerConfig
 from reexec.gen.build.bazel.remote.execution import v2 as re
 from tests.conftest import call, make_config, open_channel, start_daemon
 from tests.e2e.harness import ReexecdProcess, free_port
+from tests.fake_worker import ExecuteCall, FakeWorker, execute_request, upload_action
 from tests.redis_server import RedisServer
 from tests.test_cas_service import sha, upload
 
@@ -123,3 +124,62 @@ async def test_redis_down_is_unavailable_then_serves_again(
         assert bytes(await _get(channel)) == bytes(_result())
     finally:
         channel.close()
+
+
+# -- the scheduler's cache lookups and writes on a Redis action cache ---------------------------
+
+
+async def _scheduler(tmp_path: Path, nursery: trio.Nursery, name: str, redis_url: str):
+    config = msgspec.structs.replace(
+        make_config(tmp_path / name, scheduler=SchedulerConfig(worker_timeout_s=30)),
+        action_cache=CompletenessCheckingActionCacheConfig(
+            inner=RedisActionCacheConfig(url=redis_url, timeout_s=1)
+        ),
+    )
+    daemon = await start_daemon(nursery, config)
+    channel = await open_channel(daemon.port)
+    worker = FakeWorker(channel, f"{name}-worker")
+    await nursery.start(worker.run)
+    return daemon, channel, worker
+
+
+async def _run(channel, nursery: trio.Nursery, digest, worker: FakeWorker | None) -> ExecuteCall:
+    ex = ExecuteCall(channel, execute_request(digest))
+    nursery.start_soon(ex.run)
+    if worker is not None:
+        await worker.finish(await worker.next_start(), exit_code=0, stdout=b"hi\n")
+    with trio.fail_after(10):
+        await ex.finished.wait()
+    assert ex.error is None, ex.error
+    return ex
+
+
+async def test_schedulers_share_results_and_execute_while_redis_is_down(
+    aio_loop, tmp_path: Path, nursery: trio.Nursery, redis_server: RedisServer
+) -> None:
+    _, ch_a, worker_a = await _scheduler(tmp_path, nursery, "a", redis_server.url)
+    _, ch_b, worker_b = await _scheduler(tmp_path, nursery, "b", redis_server.url)
+    try:
+        digest = await upload_action(ch_a, ["echo", "hi"])
+        await upload_action(ch_b, ["echo", "hi"])
+        ran = await _run(ch_a, nursery, digest, worker_a)
+        assert not ran.response.cached_result
+        # B never ran it: its cache check finds A's result in Redis.
+        hit = await _run(ch_b, nursery, digest, None)
+        assert hit.response.cached_result and hit.response.result.stdout_raw == b"hi\n"
+        assert worker_b.pending() == 0
+
+        # Redis down: the cache check fails, the action simply runs (never an error).
+        redis_server.stop()
+        other = await upload_action(ch_b, ["echo", "again"])
+        down = await _run(ch_b, nursery, other, worker_b)
+        assert down.response.status.code == 0 and not down.response.cached_result
+
+        # Back (empty, no persistence): results are written and shared again.
+        redis_server.start()
+        await _run(ch_b, nursery, other, worker_b)
+        await upload_action(ch_a, ["echo", "again"])
+        assert (await _run(ch_a, nursery, other, None)).response.cached_result
+    finally:
+        ch_a.close()
+        ch_b.close()
