@@ -596,18 +596,21 @@ def test_status_render_names_the_scheduler_of_a_worker_with_several():
 async def test_worker_process_leaves_a_stopped_scheduler(aio_loop, tmp_path):
     """SIGSTOP of the first scheduler: its kernel still holds the connection, but nothing
     answers the worker's HTTP/2 PINGs; the worker moves to the second within a few keepalive
-    intervals (not after TCP's minutes)."""
+    intervals (not after TCP's minutes). The schedulers come from the command line."""
     a = _scheduler(tmp_path, "a")
     b = _scheduler(tmp_path, "b")
     a_url, b_url = f"grpc://127.0.0.1:{a.port}", f"grpc://127.0.0.1:{b.port}"
     cfg = tmp_path / "w.toml"
     cfg.write_text(
-        f'[worker]\nscheduler = ["{a_url}", "{b_url}"]\nscheduler_keepalive_s = 0.5\n'
+        "[worker]\nscheduler_keepalive_s = 0.5\n"
         'worker_id = "w1"\nmax_inflight_tasks = 1\ndrain_timeout_s = 10\n'
     )
     w = ReexecdProcess(
         tmp_path / "w",
-        args=["worker", "--config", str(cfg), "--data-dir", str(tmp_path / "w")],
+        args=[
+            *("worker", "--config", str(cfg), "--data-dir", str(tmp_path / "w")),
+            *("--scheduler", a_url, "--scheduler", b_url),
+        ],
         log_dir=tmp_path / "w-log",
         wait_ready=False,
     )

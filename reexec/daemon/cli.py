@@ -48,7 +48,11 @@ def _parser() -> argparse.ArgumentParser:
         )
     worker = sub.add_parser("worker", help="a worker for a remote scheduler")
     _common(worker)
-    worker.add_argument("--scheduler", help="override worker.scheduler (grpc://HOST:PORT)")
+    worker.add_argument(
+        "--scheduler",
+        action="append",
+        help="override worker.scheduler (grpc://HOST:PORT; repeat for several, in order)",
+    )
     worker.add_argument("--worker-id", help="override worker.worker_id")
     status = sub.add_parser("status", help="show a running daemon's state (its status socket)")
     drain = sub.add_parser("drain", help="drain a worker (via the scheduler) or this daemon")
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "listen", None):
         config.server.listen = args.listen
     if getattr(args, "scheduler", None):
-        config.worker.scheduler = args.scheduler
+        schedulers = args.scheduler
+        config.worker.scheduler = schedulers[0] if len(schedulers) == 1 else schedulers
     if getattr(args, "worker_id", None):
         config.worker.worker_id = args.worker_id
     if args.log_level:
