@@ -14,8 +14,9 @@
 **Several schedulers.** The agent is given a list of schedulers (`worker.scheduler`, one URL
 or several sharing their operations' state). It holds one stream at a time; when a session
 ends or cannot start (stream error, connection refused, no Registered within
-REGISTER_TIMEOUT_S), it tries the next scheduler in the list, at once, and sleeps only after a
-whole round of the list failed (0.2 s, doubling up to `reconnect_max_s`; back to 0.2 s after
+REGISTER_TIMEOUT_S, an HTTP/2 PING unanswered: the channels' keepalive, set by the worker role
+from `worker.scheduler_keepalive_s`), it tries the next scheduler in the list, at once, and
+sleeps only after a whole round of the list failed (0.2 s, doubling up to `reconnect_max_s`; back to 0.2 s after
 any session that registered). `scheduler_url` is the scheduler of the current session.
 
 **Results are held, not dropped.** A Finished that cannot be sent (no connection, or the send
@@ -28,8 +29,8 @@ schedulers) and the results held (`pending_results`); right after Registered, be
 reads any StartExecute, it sends every held result, oldest first, each removed once sent. So a
 scheduler that shares the operations' state can adopt the running attempts and complete the
 held ones; a scheduler that requeued them when the old connection ended ignores the stale
-results and cancels the stale attempts. As no new work is taken while held results wait, at
-most `max_inflight` results are ever held; the bounds guard against large messages. "Sent"
+results and cancels the stale attempts. As no new work is taken while held results wait, held
+results rarely outnumber the slots; the bounds guard against large messages. "Sent"
 means handed to the stream: a result in flight when the connection breaks is lost, and its
 attempt is requeued by the scheduler like any attempt of a lost worker. A result may reach a
 scheduler twice (sent, then the stream failed before the send returned); schedulers ignore a
