@@ -219,3 +219,59 @@ def test_config_file_error_names_the_key(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"action_cache\.inner: bad Redis URL 'redis://h/x'"):
         load_config(path)
+
+
+async def test_concurrent_callers_through_restarts_and_a_hang(redis_server: RedisServer) -> None:
+    """50 tasks hammer get/put while Redis is stopped, restarted, killed, paused: every failure
+    is RedisUnavailable within the bound, nothing hangs, and all succeed once Redis is back."""
+    ac = await RedisActionCache.open(redis_server.url, timeout_s=0.5, max_connections=8)
+    errors: list[BaseException] = []
+    counts = {"ok": 0, "unavailable": 0}
+    stop = trio.Event()
+
+    async def hammer(i: int) -> None:
+        k = ActionKey("", digest_of(f"action {i}".encode()))
+        while not stop.is_set():
+            start = trio.current_time()
+            try:
+                await ac.put(k, b"result %d" % i)
+                got = await ac.get(k)
+                assert got in (None, b"result %d" % i)  # None: Redis restarted in between
+                counts["ok"] += 1
+            except RedisUnavailable:
+                counts["unavailable"] += 1
+                await trio.sleep(0.01)
+            except BaseException as e:
+                errors.append(e)
+                raise
+            assert trio.current_time() - start < 2 * (3 * 0.5 + 1)
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(50):
+                    nursery.start_soon(hammer, i)
+                for fault in ("stop", "kill", "pause"):
+                    await trio.sleep(0.3)
+                    ok_before = counts["ok"]
+                    if fault == "pause":
+                        redis_server.pause()
+                        await trio.sleep(1.0)
+                        redis_server.resume()
+                    else:
+                        getattr(redis_server, fault)()
+                        await trio.sleep(0.3)
+                        redis_server.start()
+                    with trio.fail_after(10):
+                        while counts["ok"] <= ok_before + 100:
+                            await trio.sleep(0.05)
+                stop.set()
+        assert not errors
+        assert counts["unavailable"] > 0 and counts["ok"] > 300
+        # Every task succeeds again at once.
+        for i in range(50):
+            k = ActionKey("", digest_of(f"action {i}".encode()))
+            await ac.put(k, b"x")
+            assert await ac.get(k) == b"x"
+    finally:
+        await ac.aclose()
