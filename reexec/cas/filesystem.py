@@ -14,10 +14,11 @@ one huge blob nor many partial uploads can push everything else out.
 Shared by several processes (`shared`, with `[server] processes = N`; see fs_shared.py), the
 same directory is served by N processes, each with its own index:
 - the file system says which blobs exist: a miss in the index is checked with the file, and a
-  hit is confirmed by setting the file's mtime to now, the use time every process can see;
-- blobs are installed by link(2) (never replacing one) and evicted by unlink(2), both under the
-  ledger's cross-process lock, and the ledger counts stored and reserved bytes of all processes,
-  so `max_bytes` bounds their sum;
+  hit is confirmed by setting the file's mtime to now, the use time every process can see (at
+  most once a second per blob and process: TOUCH_INTERVAL_NS);
+- blobs are installed by rename(2) only where none is (never replacing one) and evicted by
+  unlink(2), both under the ledger's cross-process lock, and the ledger counts stored and
+  reserved bytes of all processes, so `max_bytes` bounds their sum;
 - a process evicts from its own index, oldest first, but skips a blob whose mtime is newer than
   its own last use of it (another process used it since) and one another process is reading
   (readers hold flock(LOCK_SH) on the open file; the evictor takes LOCK_EX non-blocking);
@@ -320,42 +321,47 @@ class FilesystemStore(Store):
             return None
         return f
 
-    async def _install_shared(self, tmp: str, digest: Digest) -> None:
-        """Link a complete temp file into blobs/ (unless another process stored the blob
-        first), count it, and evict what no longer fits. Caller holds `_exclusive`; the caller
-        removes `tmp`."""
+    async def _install_shared(self, tmp: str, digest: Digest, mtime: int | None) -> bool:
+        """Rename a complete temp file into blobs/ unless the blob is there already (another
+        process stored it), count it, and evict what no longer fits. Returns whether `tmp` was
+        taken; if not, the caller removes it. Caller holds `_exclusive`.
+
+        Every install and eviction holds the ledger's lock, so "not there, then rename" cannot
+        race with another installer (no blob is ever replaced, so each is counted once) nor with
+        an evictor. `mtime`: the temp file's, which the blob keeps (None: set it to now).
+        """
         ledger = self._ledger
         assert ledger is not None
-        # Counted before the link: killed in between, the count is too high, never too low.
-        ledger.add_stored(digest.size)
-        try:
-            if self._fsync:
-                linked = await trio.to_thread.run_sync(self._link, tmp, digest)
-            else:
-                linked = self._link(tmp, digest)
-        except BaseException:
-            ledger.add_stored(-digest.size)
-            raise
-        if not linked:
-            ledger.add_stored(-digest.size)
-        # Either way the blob is there and now the most recently used, for every process.
-        self._note_uses([digest], self._use_all([digest]))
-        await self._evict_shared()
-
-    def _link(self, tmp: str, digest: Digest) -> bool:
-        """link(2), which never replaces a blob; False if it was already there."""
         final = self.blob_path_str(digest)
-        try:
+        installed = not os.access(final, os.F_OK)
+        if installed:
+            # Counted before the rename: killed in between, the count is too high, never low.
+            ledger.add_stored(digest.size)
             try:
-                os.link(tmp, final)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                os.link(tmp, final)
-        except FileExistsError:
-            return False
+                if self._fsync:
+                    await trio.to_thread.run_sync(self._rename_in, tmp, final)
+                else:
+                    self._rename_in(tmp, final)
+            except BaseException:
+                ledger.add_stored(-digest.size)
+                raise
+        if installed and mtime is not None:
+            self._note_uses([digest], [mtime])
+        else:
+            # The blob that was there (or an adopted file's old inode) is now the most
+            # recently used, for every process.
+            self._note_uses([digest], self._use_all([digest]))
+        await self._evict_shared()
+        return installed
+
+    def _rename_in(self, tmp: str, final: str) -> None:
+        try:
+            os.rename(tmp, final)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.rename(tmp, final)
         if self._fsync:
             _fsync_dir(Path(final).parent)
-        return True
 
     async def _evict_shared(self) -> None:
         """Evict until the stored and reserved bytes of every process fit in `max_bytes`.
@@ -587,16 +593,19 @@ class FilesystemStore(Store):
                 )
             ledger.add_reserved(digest.size)
             self._lru.reserved_bytes += digest.size  # this process's share, for stats
-            writer = _FileWriter(self, digest, None, None)
             try:
                 # Make room for the reservation now, not at commit: partial uploads count.
                 await self._evict_shared()
-                writer._fd, writer._path = await trio.to_thread.run_sync(self._create_temp)
             except BaseException:
                 ledger.add_reserved(-digest.size)
                 self._lru.release(digest.size)
                 raise
-        return writer
+        try:
+            fd, path = await trio.to_thread.run_sync(self._create_temp)
+        except BaseException:
+            await self._release_shared(digest.size)
+            raise
+        return _FileWriter(self, digest, fd, path)
 
     async def _release_shared(self, size: int) -> None:
         """Give back an upload's reservation (bounded: it runs in cleanup)."""
@@ -630,35 +639,42 @@ class FilesystemStore(Store):
             await self._add(digest)
 
     async def _put_shared(self, digest: Digest, data: bytes) -> None:
-        # The temp file is written without the lock: only the link needs it.
+        # The temp file is written without the lock: only the rename needs it.
         if digest.size <= INLINE_IO_LIMIT:
-            tmp = self._write_temp(digest, data)
+            tmp, mtime = self._write_temp(digest, data)
         else:
-            tmp = await trio.to_thread.run_sync(self._write_temp, digest, data)
+            tmp, mtime = await trio.to_thread.run_sync(self._write_temp, digest, data)
+        await self._install_or_remove(tmp, digest, mtime)
+
+    async def _install_or_remove(self, tmp: str, digest: Digest, mtime: int | None) -> None:
+        """`_install_shared` under the lock; the temp file is removed if it was not taken."""
+        taken = False
         try:
             async with self._exclusive():
-                await self._install_shared(tmp, digest)
+                taken = await self._install_shared(tmp, digest, mtime)
         finally:
-            with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
-                await trio.to_thread.run_sync(_remove_quietly, tmp, abandon_on_cancel=True)
+            if not taken:
+                with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                    await trio.to_thread.run_sync(_remove_quietly, tmp, abandon_on_cancel=True)
 
     def _write_whole(self, digest: Digest, data: bytes) -> None:
-        tmp = self._write_temp(digest, data)
+        tmp, _ = self._write_temp(digest, data)
         try:
             self._install(tmp, digest)
         except BaseException:
             _remove_quietly(tmp)
             raise
 
-    def _write_temp(self, digest: Digest, data: bytes) -> str:
-        """A complete, read-only temp file holding `data`."""
+    def _write_temp(self, digest: Digest, data: bytes) -> tuple[str, int]:
+        """A complete, read-only temp file holding `data`, and its mtime."""
         fd, tmp = self._create_temp()
         try:
             try:
                 # A raw write may be short (a nearly full disk): write until all is written,
                 # so the next write raises ENOSPC instead of installing a truncated blob.
                 _write_all(fd, data)
-                if os.fstat(fd).st_size != digest.size:
+                st = os.fstat(fd)
+                if st.st_size != digest.size:
                     raise OSError(errno.EIO, f"{digest.blob_path}: wrote a short file")
                 self._finish_file(fd)
             finally:
@@ -666,7 +682,7 @@ class FilesystemStore(Store):
         except BaseException:
             _remove_quietly(tmp)
             raise
-        return tmp
+        return tmp, st.st_mtime_ns
 
     def _finish_file(self, fd: int) -> None:
         if self._fsync:
@@ -713,12 +729,8 @@ class FilesystemStore(Store):
         # Hashed before taking the lock: other commits and evictions need not wait for it.
         tmp = await trio.to_thread.run_sync(self._take_verified, digest, os.fspath(path))
         if self._ledger is not None:
-            try:
-                async with self._exclusive():
-                    await self._install_shared(tmp, digest)
-            finally:
-                with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
-                    await trio.to_thread.run_sync(_remove_quietly, tmp, abandon_on_cancel=True)
+            # A hardlinked file keeps its old mtime: the install sets it to now.
+            await self._install_or_remove(tmp, digest, None)
             return True
         try:
             async with self._mutate:
@@ -880,25 +892,28 @@ class _FileWriter:
         fd, self._fd = self._fd, None
         assert fd is not None and self._path is not None
         try:
-            await trio.to_thread.run_sync(self._seal, fd)
+            mtime = await trio.to_thread.run_sync(self._seal, fd)
             async with store._exclusive():
                 assert store._ledger is not None
                 # The bytes move from reserved to stored under one hold of the lock.
                 store._ledger.add_reserved(-self._reserved)
                 self._release()
-                await store._install_shared(self._path, self.digest)
+                if await store._install_shared(self._path, self.digest, mtime):
+                    self._path = None  # it is the blob now
         finally:
             await self._clean_up_shared()
 
-    def _seal(self, fd: int) -> None:
+    def _seal(self, fd: int) -> int:
+        """Make the temp file read-only (and durable with fsync), close it; its mtime."""
         try:
             self._store._finish_file(fd)
+            return os.fstat(fd).st_mtime_ns
         finally:
             os.close(fd)
 
     async def _clean_up_shared(self) -> None:
-        """Give back the reservation if still held and remove the temp file (link(2) left it,
-        or it was never linked). Bounded, shielded: it runs on every way out."""
+        """Give back the reservation if still held and remove the temp file unless it became
+        the blob. Bounded, shielded: it runs on every way out."""
         if self._reserved:
             size, self._reserved = self._reserved, 0
             await self._store._release_shared(size)

@@ -12,9 +12,9 @@ cross-process lock: it is held around every ledger update, every install of a bl
 `blobs/` and every eviction, so an evictor can never unlink a blob that another process has
 just installed or re-used (see `FilesystemStore._evict_shared`).
 
-Bytes are counted by the one process whose `link(2)` installed a blob (a second installer of
-the same digest gets EEXIST and counts nothing) and uncounted by the one whose `unlink(2)`
-removed it, so the count is exact. Each update is ordered so that a process killed between the
+Bytes are counted by the one process whose rename(2) installed a blob (under the lock, and
+only if the blob is not there: a second installer of the same digest counts nothing) and
+uncounted by the one whose unlink(2) removed it, so the count is exact. Each update is ordered so that a process killed between the
 count and the file operation leaves the count too high, never too low: the bound still holds.
 
 A process is one `slot` (0..N-1) of one supervisor `run`: the first process of a new run to
