@@ -13,6 +13,7 @@ it the tests that need Redis skip, except in CI (`CI` set), where they fail.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -107,7 +108,11 @@ class RedisServer:
         else:
             args += ["--save", "", "--appendonly", "no"]
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._ping():
@@ -168,6 +173,16 @@ class RedisServer:
             return self.log_path.read_text(errors="replace")[-2000:]
         except OSError:
             return "(no log)"
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the thread that started it ends, so a pytest killed before
+    its teardown (a timeout, Ctrl-C twice) leaves no redis-server behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _free_port() -> int:
