@@ -78,7 +78,11 @@ class RedisServer:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
-        """Start (or restart) on the same socket; returns once it answers PING."""
+        """Start (or restart) on the same socket; returns once it answers PING.
+
+        Call it on the test's own thread, not in trio.to_thread: the server dies with the
+        thread that started it, and Trio ends idle worker threads after a few seconds.
+        """
         if self.running:
             return
         args = [
