@@ -277,13 +277,20 @@ class FilesystemStore(Store):
                 self._used[d] = t
         return missing
 
-    async def _check_shared(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def _check_shared(
+        self, digests: Sequence[Digest], *, verify: bool = False
+    ) -> list[Digest]:
         """Which of `digests` (deduplicated, none empty) are missing; marks the rest used.
 
-        A blob this process used less than TOUCH_INTERVAL_NS ago is taken as present without
-        a system call: its mtime already says it was used that recently.
+        Unless `verify`, a blob this process used less than TOUCH_INTERVAL_NS ago is taken as
+        present without a system call: its mtime already says it was used that recently. That
+        answer is stale if another process evicted the blob meanwhile, which FindMissingBlobs
+        may be (a client whose Execute then finds it missing uploads it again) but a write
+        must not: "already stored" would drop the upload.
         """
-        recent = time.time_ns() - TOUCH_INTERVAL_NS
+        now = time.time_ns()
+        # With `verify` nothing counts as recent: every digest is checked at its file.
+        recent = now + 1 if verify else now - TOUCH_INTERVAL_NS
         used_at = self._used
         check = [d for d in digests if used_at.get(d, 0) < recent]
         if not check:
@@ -299,11 +306,12 @@ class FilesystemStore(Store):
                     touch(d)
         return self._note_uses(check, used)
 
-    async def _present(self, digest: Digest) -> bool:
-        """Whether the blob is stored, marking it used (by the index, or the file if shared)."""
+    async def _present(self, digest: Digest, *, verify: bool = False) -> bool:
+        """Whether the blob is stored, marking it used (by the index, or the file if shared;
+        `verify`: always by the file)."""
         if self._share is None:
             return self._lru.touch(digest)
-        return not await self._check_shared([digest])
+        return not await self._check_shared([digest], verify=verify)
 
     def _open_shared(self, path: str) -> object | None:
         """The blob's file, open and read-locked (an evictor skips it meanwhile); None if it is
@@ -351,7 +359,10 @@ class FilesystemStore(Store):
             # The blob that was there (or an adopted file's old inode) is now the most
             # recently used, for every process.
             self._note_uses([digest], self._use_all([digest]))
-        await self._evict_shared()
+        # Never the blob just stored: this index may know little else (other processes wrote
+        # the rest), and the client is about to be told it is stored.
+        with self._lru.pinned([digest]):
+            await self._evict_shared()
         return installed
 
     def _rename_in(self, tmp: str, final: str) -> None:
@@ -626,7 +637,7 @@ class FilesystemStore(Store):
             raise InvalidArgument(
                 f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
             )
-        if is_empty(digest) or await self._present(digest):
+        if is_empty(digest) or await self._present(digest, verify=True):
             return
         if self._ledger is not None:
             await self._put_shared(digest, data)
@@ -715,7 +726,7 @@ class FilesystemStore(Store):
     async def local_files(self, digests: Sequence[Digest]) -> dict[Digest, str]:
         if self._share is not None:
             wanted = [d for d in dedupe(digests) if not is_empty(d)]
-            missing = set(await self._check_shared(wanted))
+            missing = set(await self._check_shared(wanted, verify=True))
             return {d: self.blob_path_str(d) for d in wanted if d not in missing}
         touch = self._lru.touch
         return {d: self.blob_path_str(d) for d in dedupe(digests) if not is_empty(d) and touch(d)}
@@ -724,7 +735,7 @@ class FilesystemStore(Store):
         """Hardlink (when read-only and on this file system; else copy) into tmp/, hash what
         was linked, then install it. The hash is of the very inode that becomes the blob."""
         check_blob_size(digest, self._max_blob)
-        if is_empty(digest) or await self._present(digest):
+        if is_empty(digest) or await self._present(digest, verify=True):
             return True
         # Hashed before taking the lock: other commits and evictions need not wait for it.
         tmp = await trio.to_thread.run_sync(self._take_verified, digest, os.fspath(path))

@@ -136,6 +136,25 @@ async def test_a_blob_another_process_used_last_is_not_evicted(tmp_path: Path) -
     assert bytes_on_disk(tmp_path) <= cap
 
 
+async def test_an_upload_is_never_dropped_as_already_stored(tmp_path: Path) -> None:
+    """a used x a moment ago; b evicts it. a's FindMissingBlobs may still trust its recent use
+    (within TOUCH_INTERVAL_NS), but a's put of x must store it again."""
+    cap = 50_000
+    a = await open_shared(tmp_path, 0, cap)
+    b = await open_shared(tmp_path, 1, cap)
+    x = blob(20_000, 1)
+    await a.put_bytes(digest_of(x), x)
+    assert await b.find_missing([digest_of(x)]) == []  # b's use is the latest: no veto
+    for seed in (2, 3):
+        await b.put_bytes(digest_of(blob(20_000, seed)), blob(20_000, seed))
+    assert not a.blob_path(digest_of(x)).exists()
+    await a.put_bytes(digest_of(x), x)
+    assert a.blob_path(digest_of(x)).exists()
+    await write_chunked(b, digest_of(blob(20_000, 4)), blob(20_000, 4))  # evicts x again
+    await write_chunked(a, digest_of(x), x)
+    assert await a.get_bytes(digest_of(x)) == x
+
+
 async def test_an_index_that_runs_out_is_rebuilt_from_the_directory(tmp_path: Path) -> None:
     cap = 60_000
     a = await open_shared(tmp_path, 0, cap)
