@@ -146,7 +146,8 @@ class Supervisor:
     async def _keep_serving(self, child: _Child) -> None:
         backoff = RESTART_MIN_S
         while not self._draining:
-            child.ready = trio.Event()
+            if child.restarts:
+                child.ready = trio.Event()  # the first one is what `run` waits for
             started = trio.current_time()
             # Forked on this thread, the main one, never on a Trio worker thread: the child's
             # parent-death signal (`_die_with_parent`) fires when the forking *thread* exits,
@@ -159,7 +160,13 @@ class Supervisor:
             log.info("process %d started (pid %d)", child.slot, child.process.pid)
             if self._draining:  # the drain began while it was being started
                 _signal(child.process, signal.SIGTERM)
-            code = await _wait(child.process)
+            try:
+                code = await _wait(child.process)
+            except BaseException:
+                # Cancelled without a drain (another child failed to start): do not leave
+                # this one serving on its own.
+                _signal(child.process, signal.SIGTERM)
+                raise
             if self._draining:
                 return
             if not child.ready.is_set() and child.restarts == 0:
