@@ -397,7 +397,7 @@ async def test_client_action_timeout_cancels_unwatched_actions(aio_loop, tmp_pat
     with trio.fail_after(5):
         while not worker.cancels:
             await trio.sleep(0.05)
-    op = daemon.scheduler.store.get(start.operation_name)
+    op = daemon.scheduler.store.get_now(start.operation_name)
     assert op.done and op.outcome.status is Status.CANCELLED
 
 

@@ -50,6 +50,7 @@ from reexec.sandbox.factory import WorkerSetupError, build_worker
 from reexec.sched.journal import Journal
 from reexec.sched.scheduler import Scheduler
 from reexec.sched.service import ExecutionService, OperationsService
+from reexec.sched.state_factory import build_state_store
 from reexec.sched.worker_service import WorkerService
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,9 @@ class Daemon:
     async def _serve(self, uploads: UploadTable, task_status: trio.TaskStatus[None]) -> None:
         config = self.config
         if self.with_scheduler:
-            self.scheduler = Scheduler(config.scheduler, self.ac)
+            self.scheduler = Scheduler(
+                config.scheduler, self.ac, build_state_store(config.scheduler.state)
+            )
             # The web UI's memory of recent operations, fed by every transition.
             self.status.journal = Journal(
                 max_operations=config.status.journal_operations, wall=self.scheduler.wall

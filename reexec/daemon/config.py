@@ -196,6 +196,19 @@ def check_semantics(config: Config, source: str) -> None:
         fail(f"worker.scheduler{e.key}", e.why)
     if not config.worker.scheduler_keepalive_s >= 0:  # NaN too
         fail("worker.scheduler_keepalive_s", "must be 0 (off) or a positive number of seconds")
+    state = config.scheduler.state
+    if state.type == "redis":
+        if not state.url:
+            fail("scheduler.state.url", "required for type = 'redis' (redis://HOST:PORT/DB)")
+        if not state.url.startswith(("redis://", "rediss://", "unix://")):
+            fail(
+                "scheduler.state.url",
+                f"{state.url!r}: use redis://HOST:PORT/DB, rediss://HOST:PORT/DB or "
+                "unix:///path/redis.sock",
+            )
+    for key in ("timeout_s", "worker_lease_s"):
+        if not getattr(state, key) > 0:
+            fail(f"scheduler.state.{key}", "must be a positive number of seconds")
     _check_processes(config, fail)
     if config.server.max_connections < 0:
         fail("server.max_connections", "must not be negative (0: derived from the fd limit)")

@@ -98,7 +98,7 @@ def collect_status(sources: StatusSources) -> dict[str, Any]:
         for w in sorted(sched.workers.values(), key=lambda w: w.worker_id):
             running = []
             for name, attempt in sorted(w.running):
-                op = sched.store.get(name)
+                op = sched.peek(name)
                 running.append(
                     {
                         "operation": name,
@@ -124,7 +124,7 @@ def collect_status(sources: StatusSources) -> dict[str, Any]:
                 {"properties": dict(key), "depth": depth}
                 for key, depth in sorted(sched.queue_depths().items())
             ],
-            "queued": len(sched.queues),
+            "queued": sched.queued(),
             "operations": sched.operations_by_stage(),
             "workers": workers,
             "totals": {

@@ -53,6 +53,26 @@ DEFAULT_PLATFORM_PROPERTIES: dict[str, PropertyRuleName] = {
 }
 
 
+StateStoreType = Literal["memory", "redis"]
+
+
+class StateConfig(ConfigStruct):
+    """Where operation records, queues and worker leases live (`[scheduler.state]`)."""
+
+    type: StateStoreType = "memory"
+    """memory: this process only, lost on restart (the default of `reexecd serve`).
+    redis: shared by every scheduler given the same url and key_prefix; survives restarts."""
+    url: str = ""
+    """redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or unix:///path/redis.sock?db=N."""
+    key_prefix: str = "reexec:"
+    """Prefix of every key, so several deployments can share one Redis."""
+    timeout_s: float = 5.0
+    """A Redis call slower than this fails: clients get UNAVAILABLE and retry."""
+    worker_lease_s: float = 30.0
+    """How long a worker's running actions wait for it after its connection ends (it may
+    reconnect to any scheduler and report them); then they are requeued."""
+
+
 class SchedulerConfig(ConfigStruct):
     enabled: bool = True
     """Run the scheduler (Execution service). Off: a cache-only server."""
@@ -88,6 +108,9 @@ class SchedulerConfig(ConfigStruct):
     """A file holding the secret a worker must present to register (its `worker.token_file`).
     Unset: `reexecd serve` makes a random one for its local worker, so no client can register
     as a worker; `reexecd scheduler` accepts any worker and warns about it at start."""
+
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+    """The scheduler state store (see StateConfig)."""
 
     decline_pause_s: float = 1.0
     """A worker that declined an action gets no new work for this long."""

@@ -1,32 +1,34 @@
-"""The scheduler core: applies transitions to operation records and keeps the indexes in step.
+"""The scheduler core: applies transitions to operation records kept in a state store.
 
-Everything that happens to an operation goes through `Scheduler.apply`, which runs the pure
-`transition(record, event)` and stores the result, then updates the derived indexes (platform
-queues, worker slots, timers), metrics and logs, and wakes the dispatcher. gRPC handlers,
+Everything that happens to an operation goes through `Scheduler.apply`: read the record, run
+the pure `transition(record, event)`, and write the result with a compare-and-set on the
+record's version (`StateStore.compare_and_set`, which updates the queues and other indexes in
+the same atomic step). When the compare-and-set fails (another task of this process, or another
+scheduler sharing the Redis store, wrote the record in between) apply re-reads and re-applies,
+up to MAX_CAS_ATTEMPTS; conflicts are counted (`stats.conflicts`, a metric). gRPC handlers,
 worker streams and timers only feed events in and read records out.
 
-How concurrency works today: one scheduler process owns every record. All of this runs on the
-process's Trio thread, and `apply` never awaits between reading a record and storing the next
-one, so transitions are serialised without locks. The record's version is checked on store
-(a failure would be a bug and raises); it becomes a real compare-and-set, with retries, when
-records move to a store shared by several schedulers. The queues, worker slots and timers are
-this process's own indexes, rebuilt from records.
+What a scheduler keeps for itself: the streams of the workers connected to it (their slots and
+running attempts), which it publishes to the store as leases so other schedulers can tell a
+worker that moved (it brings its attempts along) from one whose scheduler died (its attempts are
+requeued when the lease expires). Changes written by other schedulers arrive as change
+messages: they wake the dispatcher and cancel attempts our workers run that were superseded.
 
     Scheduler.run
     └─ nursery
-       ├─ _run_dispatcher      matches queued operations to free workers
-       ├─ _run_monitor         worker keepalive, stuck actions, unwatched actions, expiry
+       ├─ StateStore.run       connections and the change listener (Redis)
+       ├─ _run_dispatcher      matches queued operations to free local workers
+       ├─ _run_monitor         keepalives, leases, stuck and unwatched actions, expiry
        └─ _run_cache_checks    one child task per new operation (AC lookup)
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,11 +36,12 @@ import trio
 
 from reexec.cas.action_cache import ActionCache, ActionKey
 from reexec.cas.digest import Digest, DigestFunction
-from reexec.errors import FailedPrecondition, ResourceExhausted
+from reexec.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from reexec.metrics import Counter
 from reexec.sched.change_log import completion_label, log_change, observe_durations
 from reexec.sched.config import SchedulerConfig
 from reexec.sched.matching import QueueKey, matches, worker_properties
-from reexec.sched.queue import PlatformQueues
+from reexec.sched.memory_state import MemoryStateStore
 from reexec.sched.state import (
     CacheChecked,
     Cancel,
@@ -55,10 +58,26 @@ from reexec.sched.state import (
     WaiterDetached,
     transition,
 )
-from reexec.sched.store import OperationStore
+from reexec.sched.state_store import Change, QueueHead, StateStore, StateUnavailable, WorkerLease
 from reexec.sched.workers import WorkerState, pick_worker
 
 log = logging.getLogger(__name__)
+
+# A transition that loses this many compare-and-sets in a row gives up (UNAVAILABLE): the
+# record is being rewritten faster than we can read it, which only a bug or a storm causes.
+MAX_CAS_ATTEMPTS = 50
+
+CAS_CONFLICTS = Counter(
+    "reexec_scheduler_cas_conflicts_total",
+    "Transitions whose compare-and-set lost to another writer and were re-applied",
+)
+CAS_GAVE_UP = Counter(
+    "reexec_scheduler_cas_exhausted_total",
+    f"Transitions that lost {MAX_CAS_ATTEMPTS} compare-and-sets in a row",
+)
+
+# Records this process wrote or read last, for synchronous readers (status); bounded.
+RECENT_RECORDS = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +108,20 @@ class SchedulerStats:
     completed: dict[str, int] = field(default_factory=dict)
     cancelled_unwatched: int = 0
     workers_lost: int = 0
+    conflicts: int = 0
+    adopted: int = 0
+    leases_expired: int = 0
+
+
+@dataclass
+class SharedView:
+    """What the monitor last read of the shared state (for synchronous status readers)."""
+
+    queue_depths: dict[QueueKey, int] = field(default_factory=dict)
+    operations_by_stage: dict[str, int] = field(default_factory=dict)
+    leases: dict[str, WorkerLease] = field(default_factory=dict)
+    read_at: float = 0.0
+    available: bool = True
 
 
 def action_key_of(op: Operation) -> ActionKey:
@@ -97,116 +130,156 @@ def action_key_of(op: Operation) -> ActionKey:
 
 
 class Scheduler:
-    def __init__(self, settings: SchedulerConfig, ac: ActionCache) -> None:
+    def __init__(
+        self,
+        settings: SchedulerConfig,
+        ac: ActionCache,
+        store: StateStore | None = None,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
         self.settings = settings
         self.ac = ac
-        self.store = OperationStore()
-        self.queues = PlatformQueues()
+        self.store: StateStore = store if store is not None else MemoryStateStore()
+        self.store.on_change(self._on_remote_change)
         self.workers: dict[str, WorkerState] = {}
         self.stats = SchedulerStats()
-        self._seq = itertools.count(1)
+        self.view = SharedView()
         self._wake = trio.Event()
-        self._unwatched: dict[str, float] = {}
-        self._retained: deque[tuple[float, str]] = deque()
-        # Called with (old, new) after every applied transition, on the Trio thread; must not
-        # block or raise (e.g. the status endpoint's journal of recent operations).
+        self._recent: OrderedDict[str, Operation] = OrderedDict()
+        self._lease_checked_at = -math.inf
+        # Called with (old, new) after every transition this process applied, on the Trio
+        # thread; must not block or raise (e.g. the status endpoint's journal).
         self.observers: list[Callable[[Operation, Operation], None]] = []
         # New operations whose cache check `run` starts (unbounded: one entry per submit,
-        # consumed at once; submit is synchronous and must not block).
+        # consumed at once).
         self._cache_checks_in, self._cache_checks_out = trio.open_memory_channel[Operation](
             math.inf
         )
-        # Monotonic `now` values become wall-clock timestamps through this offset.
-        self._wall_offset = time.time() - trio.current_time()
+        # Records carry wall-clock seconds (several processes share them); `now` follows
+        # `clock` (Trio's, so tests can use a mock clock) shifted to the wall clock once.
+        self._clock = clock
+        self._wall_offset = time.time() - clock()
+
+    @property
+    def shared(self) -> bool:
+        return self.store.shared
 
     # -- clocks ---------------------------------------------------------------------------------
 
     def now(self) -> float:
-        return trio.current_time()
+        return self._clock() + self._wall_offset
 
     def wall(self, now: float) -> float:
-        return now + self._wall_offset
+        return now
 
     # -- applying events --------------------------------------------------------------------------
 
-    def apply(self, name: str, event: Event) -> Operation | None:
-        """Apply `event` to the named operation; None if the event was stale or the op is gone."""
-        old = self.store.get(name)
-        if old is None:
-            return None
-        try:
-            new = transition(old, event)
-        except StaleEvent as e:
-            log.debug("stale event: %s", e)
-            return None
-        # Cannot fail while this process is the only writer and nothing awaits in between.
-        if not self.store.compare_and_set(old, new):
-            raise AssertionError(f"{name} changed during a transition")
-        self._update_queues(old, new)
-        if isinstance(event, Cancel):
-            self._cancel_on_worker(old, new)
-        self._track_watchers(old, new)
-        self._record_metrics(old, new)
-        log_change(old, new)
-        for observe in self.observers:
-            observe(old, new)
+    async def apply(self, name: str, event: Event) -> Operation | None:
+        """Apply `event` to the named operation; None if the event was stale or the op is gone.
+
+        A real compare-and-set: when the record changed between our read and our write, read
+        it again and apply the event to what is there now (it may have become stale)."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            old = await self.store.get(name)
+            if old is None:
+                self._recent.pop(name, None)
+                return None
+            try:
+                new = transition(old, event)
+            except StaleEvent as e:
+                log.debug("stale event: %s", e)
+                self._remember(old)
+                return None
+            if await self.store.compare_and_set(old, new):
+                break
+            self.stats.conflicts += 1
+            CAS_CONFLICTS.inc()
+        else:
+            CAS_GAVE_UP.inc()
+            raise Unavailable(
+                f"operation {name} changed {MAX_CAS_ATTEMPTS} times during one transition; retry"
+            )
+        self._after_change(old, new, event)
         return new
 
-    # -- what follows one record change (each step reads old and new, nothing else) -------------
-
-    def _update_queues(self, old: Operation, new: Operation) -> None:
+    def _after_change(self, old: Operation, new: Operation, event: Event) -> None:
+        self._remember(new)
         if new.stage is Stage.QUEUED and (
             old.stage is not Stage.QUEUED or old.queue_seq != new.queue_seq
         ):
-            self.queues.push(new.queue_key, new.priority, new.queue_seq, new.name)
             self._wake.set()
-        elif old.stage is Stage.QUEUED and new.stage is not Stage.QUEUED:
-            self.queues.discard(new.name)
-
-    def _cancel_on_worker(self, old: Operation, new: Operation) -> None:
-        if old.stage is Stage.EXECUTING and (
-            new.stage is not Stage.EXECUTING or new.attempt != old.attempt
-        ):
-            self._send_cancel(old)
-
-    def _track_watchers(self, old: Operation, new: Operation) -> None:
-        """Unwatched operations are cancelled after a while; completed ones expire."""
-        if new.waiters == 0 and not new.done:
-            self._unwatched.setdefault(new.name, new.unwatched_since)
-        else:
-            self._unwatched.pop(new.name, None)
-        if new.done and not old.done:
-            self._retained.append((new.completed_at, new.name))
-
-    def _record_metrics(self, old: Operation, new: Operation) -> None:
+        if isinstance(event, Cancel):
+            self._cancel_on_worker(old, new)
         observe_durations(old, new)
         if new.retries > old.retries:
             self.stats.retries += 1
         if new.done and not old.done:
             label = completion_label(new)
             self.stats.completed[label] = self.stats.completed.get(label, 0) + 1
+        log_change(old, new)
+        for observe in self.observers:
+            observe(old, new)
+
+    def _remember(self, op: Operation) -> None:
+        recent = self._recent
+        recent[op.name] = op
+        recent.move_to_end(op.name)
+        while len(recent) > RECENT_RECORDS:
+            recent.popitem(last=False)
+
+    def peek(self, name: str) -> Operation | None:
+        """The record as this process last saw it, without awaiting (status, web UI)."""
+        if isinstance(self.store, MemoryStateStore):
+            return self.store.get_now(name)
+        return self._recent.get(name)
+
+    def _cancel_on_worker(self, old: Operation, new: Operation) -> None:
+        if old.stage is Stage.EXECUTING and (
+            new.stage is not Stage.EXECUTING or new.attempt != old.attempt
+        ):
+            self._send_cancel(old.name, old.worker_id, old.attempt)
+
+    def _on_remote_change(self, change: Change) -> None:
+        """Another scheduler changed a record (or the listener missed messages: name "")."""
+        if not change.name or change.stage is Stage.QUEUED:
+            self._wake.set()
+        if not change.name:
+            return
+        for worker in self.workers.values():
+            for name, attempt in worker.running:
+                if name != change.name:
+                    continue
+                if (
+                    change.stage is not Stage.EXECUTING
+                    or change.worker_id != worker.worker_id
+                    or change.attempt != attempt
+                ):
+                    # Cancelled or requeued elsewhere: stop the attempt our worker runs.
+                    self._send_cancel(name, worker.worker_id, attempt)
 
     # -- operations -------------------------------------------------------------------------------
 
-    def submit(self, spec: ActionSpec) -> tuple[Operation, bool]:
+    async def submit(self, spec: ActionSpec) -> tuple[Operation, bool]:
         """A new operation for `spec` with one waiter, or the live one it merges into."""
         now = self.now()
         self.stats.executes += 1
         mergeable = not spec.do_not_cache
         if mergeable:
-            live = self.store.live_for(spec.key)
+            live = await self.store.live_for(spec.key)
             # A client that skips the cache must not be answered by the cache check of an
             # operation it would merge into: it waits for its own execution instead.
             if live is not None and spec.skip_cache_lookup and live.stage is Stage.CACHE_CHECK:
                 live = None
             if live is not None:
-                merged = self.apply(live.name, WaiterAttached(now))
+                merged = await self.apply(live.name, WaiterAttached(now))
                 if merged is not None:
                     self.stats.merged += 1
                     return merged, True
-        if self.store.live >= self.settings.max_live_operations:
+        live_count = await self.store.live_count()
+        if live_count >= self.settings.max_live_operations:
             raise ResourceExhausted(
-                f"the scheduler holds {self.store.live} unfinished operations "
+                f"the scheduler holds {live_count} unfinished operations "
                 f"(scheduler.max_live_operations); retry later"
             )
         op = Operation(
@@ -220,7 +293,8 @@ class Scheduler:
             created_at=now,
             waiters=1,
         )
-        self.store.create(op, mergeable=mergeable)
+        await self.store.create(op, mergeable=mergeable)
+        self._remember(op)
         # In the scheduler's tree, not the client's handler: a client that disconnects during
         # the lookup must not strand other clients merged into the same operation.
         self._cache_checks_in.send_nowait(op)
@@ -238,22 +312,24 @@ class Scheduler:
             if data is not None:
                 hit = Outcome(result=data, cached_result=True)
                 self.stats.cache_hits += 1
-        return self.apply(op.name, CacheChecked(self.now(), next(self._seq), hit))
+        seq = 0 if hit is not None else await self.store.next_seq()
+        return await self.apply(op.name, CacheChecked(self.now(), seq, hit))
 
-    def attach(self, name: str) -> Operation | None:
-        return self.apply(name, WaiterAttached(self.now()))
+    async def attach(self, name: str) -> Operation | None:
+        return await self.apply(name, WaiterAttached(self.now()))
 
-    def detach(self, name: str) -> None:
-        self.apply(name, WaiterDetached(self.now()))
+    async def detach(self, name: str) -> None:
+        await self.apply(name, WaiterDetached(self.now()))
 
-    def cancel(self, name: str, reason: str = "cancelled by the client") -> Operation | None:
-        return self.apply(name, Cancel(self.now(), reason))
+    async def cancel(self, name: str, reason: str = "cancelled by the client") -> Operation | None:
+        return await self.apply(name, Cancel(self.now(), reason))
 
     # -- tasks ------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the scheduler's background tasks: dispatcher, timers, cache checks."""
+        """Own the scheduler's background tasks: state store, dispatcher, timers, cache checks."""
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.store.run)
             nursery.start_soon(self._run_dispatcher)
             nursery.start_soon(self._run_monitor)
             nursery.start_soon(self._run_cache_checks)
@@ -262,58 +338,103 @@ class Scheduler:
     async def _run_cache_checks(self) -> None:
         async with trio.open_nursery() as checks:
             async for op in self._cache_checks_out:
-                checks.start_soon(self.check_cache, op)
+                checks.start_soon(self._check_cache_logged, op)
+
+    async def _check_cache_logged(self, op: Operation) -> None:
+        try:
+            await self.check_cache(op)
+        except Unavailable as e:
+            # The record stays in CACHE_CHECK; its clients see UNAVAILABLE on their next read
+            # and retry their Execute, which merges into it or starts anew.
+            log.warning("cache check of %s not recorded: %s", op.name, e.message)
 
     # -- dispatch ---------------------------------------------------------------------------------
 
     async def _run_dispatcher(self) -> None:
+        # A shared store also polls: a change message lost while the listener reconnected
+        # must not leave an operation queued while our workers idle.
+        poll = 1.0 if self.shared else math.inf
+        delay = 0.1
         while True:
-            await self._wake.wait()
+            with trio.move_on_after(poll):
+                await self._wake.wait()
             self._wake = trio.Event()
-            self.dispatch_ready()
+            try:
+                await self.dispatch_ready()
+                delay = 0.1
+            except Unavailable as e:
+                log.debug("dispatch paused: %s", e.message)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
 
-    def dispatch_ready(self) -> int:
-        """Assign queued operations to free matching workers; returns how many were assigned."""
+    async def dispatch_ready(self) -> int:
+        """Assign queued operations to free matching local workers; returns how many.
+
+        Claiming is the QUEUED -> EXECUTING compare-and-set: when two schedulers pick the same
+        head, one wins and the other sees a stale event and looks again."""
         count = 0
-        now = self.now()
         rules = self.settings.rules
         while True:
+            now = self.now()
             free = [w for w in self.workers.values() if w.free_slots(now) > 0]
             if not free:
                 return count
-            best: tuple[tuple[int, int, str], WorkerState] | None = None
-            for key in self.queues.keys():
-                head = self.queues.head(key)
-                if head is None or (best is not None and head[:2] >= best[0][:2]):
+            best: tuple[QueueHead, WorkerState] | None = None
+            for head in await self.store.queue_heads():
+                if best is not None and (head.priority, head.seq) >= (
+                    best[0].priority,
+                    best[0].seq,
+                ):
                     continue
                 worker = pick_worker(
-                    [w for w in free if matches(key, w.properties, rules)], self.settings.allocation
+                    [w for w in free if matches(head.key, w.properties, rules)],
+                    self.settings.allocation,
                 )
                 if worker is not None:
                     best = (head, worker)
             if best is None:
                 return count
-            (_, _, name), worker = best
-            op = self.apply(name, Dispatched(worker.worker_id, now))
+            head, worker = best
+            op = await self.apply(head.name, Dispatched(worker.worker_id, now))
             if op is None:
-                self.queues.discard(name)
+                await self.store.queue_discard(head)
                 continue
-            worker.running.add((name, op.attempt))
+            if self.workers.get(worker.worker_id) is not worker:
+                # The worker went away while we claimed: give the attempt back at once.
+                await self._requeue(op, "worker left during dispatch", counts=False)
+                continue
+            worker.running.add((head.name, op.attempt))
             worker.last_assigned = now
             self.stats.dispatched += 1
-            worker.outbox.send_nowait(("start", name, op.attempt))  # type: ignore[attr-defined]
+            worker.outbox.send_nowait(("start", head.name, op.attempt))  # type: ignore[attr-defined]
             count += 1
 
-    def _send_cancel(self, op: Operation) -> None:
-        worker = self.workers.get(op.worker_id)
-        if worker is not None and (op.name, op.attempt) in worker.running:
+    def _send_cancel(self, name: str, worker_id: str, attempt: int) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is not None and (name, attempt) in worker.running:
             try:
-                worker.outbox.send_nowait(("cancel", op.name, op.attempt))  # type: ignore[attr-defined]
+                worker.outbox.send_nowait(("cancel", name, attempt))  # type: ignore[attr-defined]
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
+
+    async def _requeue(self, op: Operation, reason: str, *, counts: bool = True) -> None:
+        await self.apply(
+            op.name,
+            Requeue(
+                op.worker_id,
+                op.attempt,
+                self.now(),
+                await self.store.next_seq(),
+                reason,
+                counts=counts,
+                max_retries=self.settings.max_job_retries,
+                max_declines=self.settings.max_declines,
+            ),
+        )
 
     # -- workers ----------------------------------------------------------------------------------
 
@@ -347,6 +468,49 @@ class Scheduler:
         self._wake.set()
         return worker
 
+    async def adopt(
+        self,
+        worker: WorkerState,
+        attempts: Sequence[tuple[str, int]],
+        pending: Sequence[str] = (),
+    ) -> list[str]:
+        """The worker says it still runs these attempts: keep the ones the state says are its
+        current attempts (it moved here from another scheduler, or reconnected within its
+        lease), and return the names it must cancel (requeued or finished meanwhile).
+        `attempt` 0 means "unknown" (an older worker): the record's attempt is taken.
+
+        With shared state, attempts the records assign to this worker that it neither runs
+        nor holds a result of (`pending`) are requeued: it lost them (restarted, or its
+        result was not recorded), and nobody else will report them."""
+        stale = []
+        if self.shared:
+            known = {name for name, _ in attempts} | set(pending)
+            for name, worker_id in (await self.store.executing()).items():
+                if worker_id != worker.worker_id or name in known:
+                    continue
+                op = await self.store.get(name)
+                if op is not None and op.stage is Stage.EXECUTING and op.worker_id == worker_id:
+                    await self._requeue(op, f"worker {worker_id} came back without it")
+        for name, attempt in attempts:
+            op = await self.store.get(name)
+            if (
+                op is not None
+                and op.stage is Stage.EXECUTING
+                and op.worker_id == worker.worker_id
+                and attempt in (0, op.attempt)
+            ):
+                worker.running.add((name, op.attempt))
+                self._remember(op)
+                self.stats.adopted += 1
+                log.info(
+                    "worker brought its running attempt along",
+                    extra={"worker": worker.worker_id, "operation": name, "attempt": op.attempt},
+                )
+            else:
+                stale.append(name)
+        await self._publish_leases([worker])
+        return stale
+
     def cancel_stale_attempt(self, worker: WorkerState, name: str) -> None:
         """The worker says it still runs `name` from an earlier connection: tell it to stop."""
         worker.outbox.send_nowait(("cancel", name, 0))  # type: ignore[attr-defined]
@@ -354,12 +518,17 @@ class Scheduler:
     def worker_seen(self, worker: WorkerState) -> None:
         worker.last_seen = self.now()
 
-    def worker_lost(self, worker: WorkerState, reason: str) -> None:
-        """Forget a worker, close its stream and requeue (as a retry) everything it was running.
+    async def worker_lost(self, worker: WorkerState, reason: str, *, silent: bool = False) -> None:
+        """Forget a worker, close its stream and deal with what it was running.
 
         Closing the stream matters: a worker dropped while its connection stays open (the
         scheduler stalled past the keepalive timeout) would otherwise never be offered work
         again. It reconnects and registers anew.
+
+        With this process's own state (memory), or when the worker fell `silent`, its attempts
+        are requeued now (as retries). With shared state, a worker whose connection merely
+        ended keeps its attempts for the lease time: it may reconnect to any scheduler and
+        report them; the lease check requeues them if it does not.
         """
         if self.workers.get(worker.worker_id) is not worker:
             return
@@ -377,20 +546,36 @@ class Scheduler:
             )
         else:
             log.info("worker left after draining", extra={"worker": worker.worker_id})
+        running = sorted(worker.running)
+        worker.running.clear()
+        if self.shared and not silent:
+            await self.store.put_leases(
+                [
+                    WorkerLease(
+                        worker.worker_id,
+                        "",
+                        self.now() + self.settings.state.worker_lease_s,
+                        worker.max_inflight,
+                        len(running),
+                    )
+                ]
+            )
+            return
+        if self.shared:
+            await self.store.drop_lease(worker.worker_id)
         now = self.now()
-        for name, attempt in sorted(worker.running):
-            self.apply(
+        for name, attempt in running:
+            await self.apply(
                 name,
                 Requeue(
                     worker.worker_id,
                     attempt,
                     now,
-                    next(self._seq),
+                    await self.store.next_seq(),
                     f"worker lost ({reason})",
                     max_retries=self.settings.max_job_retries,
                 ),
             )
-        worker.running.clear()
 
     def drain_worker(self, worker_id: str, reason: str = "requested by an operator") -> bool:
         """Give the worker no new work and ask it to finish, disconnect and exit."""
@@ -409,37 +594,37 @@ class Scheduler:
         worker.going_away = True
         log.info("worker going away", extra={"worker": worker.worker_id})
 
-    def progress(self, worker: WorkerState, name: str, attempt: int) -> None:
+    async def progress(self, worker: WorkerState, name: str, attempt: int) -> None:
         self.worker_seen(worker)
-        self.apply(name, ProgressReported(worker.worker_id, attempt, self.now()))
+        await self.apply(name, ProgressReported(worker.worker_id, attempt, self.now()))
 
-    def finished(
+    async def finished(
         self, worker: WorkerState, name: str, attempt: int, outcome: Outcome, retryable: bool
     ) -> Operation | None:
         self._release(worker, name, attempt)
-        return self.apply(
+        return await self.apply(
             name,
             Finished(
                 worker.worker_id,
                 attempt,
                 self.now(),
-                next(self._seq),
+                await self.store.next_seq() if retryable else 0,
                 outcome,
                 retryable=retryable,
                 max_retries=self.settings.max_job_retries,
             ),
         )
 
-    def declined(self, worker: WorkerState, name: str, attempt: int, reason: str) -> None:
+    async def declined(self, worker: WorkerState, name: str, attempt: int, reason: str) -> None:
         self._release(worker, name, attempt)
         worker.paused_until = self.now() + self.settings.decline_pause_s
-        self.apply(
+        await self.apply(
             name,
             Requeue(
                 worker.worker_id,
                 attempt,
                 self.now(),
-                next(self._seq),
+                await self.store.next_seq(),
                 f"declined: {reason}",
                 counts=False,
                 max_retries=self.settings.max_job_retries,
@@ -463,59 +648,118 @@ class Scheduler:
         tick = tick_s or max(0.05, min(1.0, self.settings.worker_timeout_s / 4))
         while True:
             await trio.sleep(tick)
-            self.check_timers()
+            try:
+                await self.check_timers()
+            except Unavailable as e:
+                self.view.available = False
+                log.debug("timers paused: %s", e.message)
 
-    def check_timers(self) -> None:
+    async def check_timers(self) -> None:
         s = self.settings
         now = self.now()
         for worker in list(self.workers.values()):
             if now - worker.last_seen > s.worker_timeout_s:
-                self.worker_lost(worker, f"no keepalive for {s.worker_timeout_s:g}s")
+                await self.worker_lost(
+                    worker, f"no keepalive for {s.worker_timeout_s:g}s", silent=True
+                )
             elif worker.paused_until and now >= worker.paused_until:
                 worker.paused_until = 0.0
                 self._wake.set()
         if s.max_action_executing_timeout_s > 0:
             for worker in list(self.workers.values()):
                 for name, attempt in list(worker.running):
-                    op = self.store.get(name)
+                    op = await self.store.get(name)
                     if op is None or op.stage is not Stage.EXECUTING or op.attempt != attempt:
                         continue
                     if now - op.last_progress_at > s.max_action_executing_timeout_s:
-                        self._send_cancel(op)
-                        self.apply(
-                            name,
-                            Requeue(
-                                worker.worker_id,
-                                attempt,
-                                now,
-                                next(self._seq),
-                                f"no progress for {s.max_action_executing_timeout_s:g}s",
-                                max_retries=s.max_job_retries,
-                            ),
+                        self._send_cancel(name, worker.worker_id, attempt)
+                        await self._requeue(
+                            op, f"no progress for {s.max_action_executing_timeout_s:g}s"
                         )
         if s.client_action_timeout_s > 0:
-            for name, since in list(self._unwatched.items()):
-                # Entries exist only while waiters == 0, so `since` is the detach time even
-                # when that was 0.0 (a clock that starts at zero).
-                if now - since > s.client_action_timeout_s:
-                    self.stats.cancelled_unwatched += 1
-                    self.apply(
-                        name,
-                        Cancel(now, f"no client waited for {s.client_action_timeout_s:g}s"),
-                    )
-        while self._retained and now - self._retained[0][0] > s.retain_completed_for_s:
-            _, name = self._retained.popleft()
-            op = self.store.get(name)
+            for name in await self.store.unwatched_before(now - s.client_action_timeout_s):
+                self.stats.cancelled_unwatched += 1
+                await self.apply(
+                    name, Cancel(now, f"no client waited for {s.client_action_timeout_s:g}s")
+                )
+        for name in await self.store.completed_before(now - s.retain_completed_for_s):
+            op = await self.store.get(name)
             if op is not None and op.done:
-                self.store.delete(op)
+                await self.store.delete(op)
+                self._recent.pop(name, None)
+        if self.shared:
+            await self._publish_leases(list(self.workers.values()))
+            if now - self._lease_checked_at >= 1.0:
+                self._lease_checked_at = now
+                await self._expire_leases(now)
+            await self._refresh_view(now)
 
-    # -- introspection ----------------------------------------------------------------------------
+    async def _publish_leases(self, workers: list[WorkerState]) -> None:
+        if not self.shared:
+            return
+        until = self.now() + self.settings.state.worker_lease_s
+        await self.store.put_leases(
+            [
+                WorkerLease(
+                    w.worker_id,
+                    self.store.scheduler_id,
+                    until,
+                    w.max_inflight,
+                    len(w.running),
+                    tuple(sorted((k, v) for k, vs in w.properties.items() for v in vs)),
+                )
+                for w in workers
+                if self.workers.get(w.worker_id) is w
+            ]
+        )
+
+    async def _expire_leases(self, now: float) -> None:
+        """Requeue what workers without a live lease were running (their scheduler died, or
+        they did not come back within the lease)."""
+        executing = await self.store.executing()
+        if not executing:
+            return
+        leases = await self.store.leases()
+        for name, worker_id in executing.items():
+            if worker_id in self.workers:
+                continue
+            lease = leases.get(worker_id)
+            if lease is not None and lease.until >= now:
+                continue
+            op = await self.store.get(name)
+            if op is None or op.stage is not Stage.EXECUTING or op.worker_id != worker_id:
+                continue
+            self.stats.leases_expired += 1
+            owner = (
+                f" (held by scheduler {lease.scheduler_id})" if lease and lease.scheduler_id else ""
+            )
+            await self._requeue(op, f"worker {worker_id}'s lease expired{owner}")
+
+    async def _refresh_view(self, now: float) -> None:
+        if now - self.view.read_at < 1.0:
+            return
+        self.view = SharedView(
+            queue_depths=await self.store.queue_depths(),
+            operations_by_stage=await self.store.stage_counts(),
+            leases=await self.store.leases(),
+            read_at=now,
+            available=True,
+        )
+
+    # -- introspection (synchronous: for status and metrics) --------------------------------------
 
     def queue_depths(self) -> dict[QueueKey, int]:
-        return self.queues.depths()
+        if isinstance(self.store, MemoryStateStore):
+            return self.store.depths_now()
+        return self.view.queue_depths
 
     def operations_by_stage(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for op in self.store:
-            out[op.stage.name] = out.get(op.stage.name, 0) + 1
-        return out
+        if isinstance(self.store, MemoryStateStore):
+            return self.store.stage_counts_now()
+        return self.view.operations_by_stage
+
+    def queued(self) -> int:
+        return sum(self.queue_depths().values())
+
+
+__all__ = ["ActionSpec", "Scheduler", "SchedulerStats", "StateUnavailable", "action_key_of"]

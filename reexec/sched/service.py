@@ -11,7 +11,13 @@ import trio
 from reexec import fastpb
 from reexec.cas.store import Store
 from reexec.cas.tree_size import SizeCache
-from reexec.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from reexec.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from reexec.rpc import Cardinality, Service, Stream, aio, parse_page_token, streaming, unary
 from reexec.sched.messages import operation_message
 from reexec.sched.scheduler import Scheduler
@@ -23,6 +29,8 @@ log = logging.getLogger(__name__)
 # An Execute stream with nothing new re-sends the current state this often, so idle
 # connections stay alive through proxies and clients see the operation is still there.
 RESEND_INTERVAL_S = 30.0
+# Detaching a waiter writes the record; bounded, as it runs shielded from cancellation.
+DETACH_TIMEOUT_S = 10.0
 
 
 class ExecutionService(Service):
@@ -63,21 +71,31 @@ class ExecutionService(Service):
         spec = await validate_execute(
             request, self.cas, self.scheduler.settings, self.instances, self.tree_sizes
         )
-        op, _ = self.scheduler.submit(spec)  # a new operation's cache check starts there
+        op, _ = await self.scheduler.submit(spec)  # a new operation's cache check starts there
         try:
             await stream_operation(self.scheduler, stream, op, self.message_suffix)
         finally:
-            self.scheduler.detach(op.name)
+            await _detach(self.scheduler, op.name)
 
     async def wait_execution(self, stream: Stream) -> None:
         request = await aio(stream.recv_message)
-        op = self.scheduler.attach(request.name)
+        op = await self.scheduler.attach(request.name)
         if op is None:
             raise NotFound(f"operation {request.name!r} is unknown or expired")
         try:
             await stream_operation(self.scheduler, stream, op, self.message_suffix)
         finally:
-            self.scheduler.detach(op.name)
+            await _detach(self.scheduler, op.name)
+
+
+async def _detach(scheduler: Scheduler, name: str) -> None:
+    """Count the waiter out even when the handler is being cancelled (client went away)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(DETACH_TIMEOUT_S):
+        try:
+            await scheduler.detach(name)
+        except Unavailable as e:
+            # The waiter stays counted: the operation is not cancelled as unwatched.
+            log.warning("could not detach from %s: %s", name, e.message)
 
 
 async def stream_operation(
@@ -149,14 +167,14 @@ class OperationsService(Service):
             ),
         }
 
-    def _get(self, name: str) -> Operation:
-        op = self.scheduler.store.get(name)
+    async def _get(self, name: str) -> Operation:
+        op = await self.scheduler.store.get(name)
         if op is None:
             raise NotFound(f"operation {name!r} is unknown or expired")
         return op
 
     async def get_operation(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
-        return operation_message(self._get(request.name))
+        return operation_message(await self._get(request.name))
 
     async def list_operations(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
         if not self.allow_list:
@@ -169,7 +187,10 @@ class OperationsService(Service):
             raise InvalidArgument("ListOperations filters are not supported")
         if request.page_size < 0:
             raise InvalidArgument(f"page_size {request.page_size} is negative")
-        ops = sorted(self.scheduler.store, key=lambda o: (o.created_at, o.name))
+        ops = sorted(
+            [op async for op in self.scheduler.store.operations()],
+            key=lambda o: (o.created_at, o.name),
+        )
         start = parse_page_token(request.page_token)
         # The server may cut pages shorter than asked (AIP-158): at most 1000 per page.
         size = min(request.page_size or 1000, 1000)
@@ -181,20 +202,20 @@ class OperationsService(Service):
         return resp
 
     async def cancel_operation(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
-        op = self._get(request.name)
+        op = await self._get(request.name)
         if op.waiters > 1:
             raise FailedPrecondition(
                 f"operation {op.name} is shared by {op.waiters} waiting clients; it is not "
                 "cancelled while others wait for it"
             )
-        self.scheduler.cancel(op.name)
+        await self.scheduler.cancel(op.name)
         return fastpb.message_class("google.protobuf.Empty")()
 
     async def delete_operation(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
-        op = self._get(request.name)
+        op = await self._get(request.name)
         if not op.done:
             raise FailedPrecondition(f"operation {op.name} is still running; cancel it first")
-        self.scheduler.store.delete(op)
+        await self.scheduler.store.delete(op)
         return fastpb.message_class("google.protobuf.Empty")()
 
     async def wait_operation(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
@@ -205,7 +226,7 @@ class OperationsService(Service):
         )
         if timeout < 0:
             raise InvalidArgument(f"WaitOperation timeout {timeout:g}s is negative")
-        op = self._get(request.name)
+        op = await self._get(request.name)
         with trio.move_on_after(timeout):
             while not op.done:
                 changed = await self.scheduler.store.wait_changed(op)

@@ -34,6 +34,9 @@ from reexec.worker_protocol import WORKER_TOKEN_HEADER, SchedulerMessage, Worker
 
 log = logging.getLogger(__name__)
 
+# Forgetting a lost worker writes its attempts' records; bounded, as it runs shielded.
+LOST_TIMEOUT_S = 10.0
+
 
 def _outcome_of(finished: fastpb.Message, worker_id: str) -> tuple[Outcome, int | None]:
     """The Outcome of a worker's Finished message, and the exit code if the command ran."""
@@ -108,7 +111,12 @@ class WorkerService(Service):
             finally:
                 send.close()
                 worker.disconnect = _already_disconnected
-                self.scheduler.worker_lost(worker, "disconnected")
+                # Shielded and bounded: this runs while the connection is being cancelled.
+                with trio.CancelScope(shield=True), trio.move_on_after(LOST_TIMEOUT_S):
+                    try:
+                        await self.scheduler.worker_lost(worker, "disconnected")
+                    except Unavailable as e:
+                        log.warning("worker %s: %s", worker.worker_id, e.message)
         if connection.cancelled_caught:
             raise Unavailable(f"worker {worker.worker_id} was dropped: {dropped[0]}")
 
@@ -123,10 +131,15 @@ class WorkerService(Service):
         interval = max(self.scheduler.settings.worker_timeout_s / 3, 0.05)
         hello.registered.keepalive_interval.FromNanoseconds(int(interval * 1e9))
         await aio(stream.send_message, hello)
-        # Actions the worker still runs from before it reconnected were requeued when its old
-        # connection ended (worker_lost): they are stale, so the worker cancels them. These are
-        # the first messages in the outbox, ahead of any new start.
-        for name in reg.running_operations:
+        # Attempts the worker still runs from before it (re)connected: the ones the state still
+        # assigns to it are adopted (it moved from another scheduler, or came back within its
+        # lease); the others were requeued or finished meanwhile, so the worker cancels them.
+        # Those cancels are the first messages in the outbox, ahead of any new start.
+        attempts = [(r.operation_name, r.attempt) for r in reg.running] or [
+            (name, 0) for name in reg.running_operations
+        ]
+        pending = [r.operation_name for r in reg.pending_results]
+        for name in await self.scheduler.adopt(worker, attempts, pending):
             self.scheduler.cancel_stale_attempt(worker, name)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sender, stream, worker, outbox)
@@ -144,12 +157,12 @@ class WorkerService(Service):
             if kind == "keepalive":
                 continue
             if kind == "progress":
-                scheduler.progress(worker, msg.progress.operation_name, msg.progress.attempt)
+                await scheduler.progress(worker, msg.progress.operation_name, msg.progress.attempt)
             elif kind == "finished":
                 await self._finished(worker, msg.finished)
             elif kind == "declined":
                 d = msg.declined
-                scheduler.declined(worker, d.operation_name, d.attempt, d.reason)
+                await scheduler.declined(worker, d.operation_name, d.attempt, d.reason)
             elif kind == "going_away":
                 scheduler.worker_going_away(worker)
             else:
@@ -158,7 +171,7 @@ class WorkerService(Service):
     async def _finished(self, worker: WorkerState, finished: fastpb.Message) -> None:
         name, attempt = finished.operation_name, finished.attempt
         outcome, exit_code = _outcome_of(finished, worker.worker_id)
-        op = self.scheduler.store.get(name)
+        op = await self.scheduler.store.get(name)
         current = (
             op is not None
             and op.stage is Stage.EXECUTING
@@ -179,7 +192,7 @@ class WorkerService(Service):
                 await self.scheduler.ac.put(action_key_of(op), outcome.result)
             except Exception:
                 log.exception("could not write the action cache entry for %s", name)
-        self.scheduler.finished(worker, name, attempt, outcome, finished.retryable)
+        await self.scheduler.finished(worker, name, attempt, outcome, finished.retryable)
 
     async def _sender(
         self,
@@ -199,7 +212,7 @@ class WorkerService(Service):
                 msg.cancel_execute.attempt = attempt
                 await aio(stream.send_message, msg)
                 continue
-            op = self.scheduler.store.get(name)
+            op = await self.scheduler.store.get(name)
             if op is None or op.stage is not Stage.EXECUTING or op.attempt != attempt:
                 # Cancelled or requeued before it was sent: the worker will never report this
                 # attempt, so its slot is freed here.
@@ -213,7 +226,7 @@ class WorkerService(Service):
                     message=e.message,
                     status_details=_precondition_details(e.violations),
                 )
-                self.scheduler.finished(worker, name, attempt, outcome, retryable=False)
+                await self.scheduler.finished(worker, name, attempt, outcome, retryable=False)
                 continue
             await aio(stream.send_message, msg)
 

@@ -216,7 +216,7 @@ def test_bad_type_tag(tmp_path: Path) -> None:
     msg = error_for(tmp_path, "[action_cache]\ntype = 'verify'\n")
     assert msg == (
         "action_cache.type: invalid value 'verify'; "
-        "allowed types: memory, filesystem, completeness_checking, grpc"
+        "allowed types: memory, filesystem, completeness_checking, grpc, redis"
     )
     msg = error_for(tmp_path, "[cas]\nmax_bytes = '1GB'\n")
     assert msg == f"cas: missing key 'type'; {stores}"

@@ -67,14 +67,14 @@ class Harness:
 
     async def submit(self, tag: str, **kw: Any) -> tuple[Operation, bool]:
         """Execute as the service does: submit, then the cache check for a new operation."""
-        op, merged = self.s.submit(spec(tag, **kw))
+        op, merged = await self.s.submit(spec(tag, **kw))
         if not merged:
             await self.s.check_cache(op)
-        current = self.s.store.get(op.name)
+        current = self.s.store.get_now(op.name)
         assert current is not None
         return current, merged
 
     def get(self, name: str) -> Operation:
-        op = self.s.store.get(name)
+        op = self.s.store.get_now(name)
         assert op is not None, f"{name} is gone"
         return op

@@ -35,13 +35,13 @@ async def test_submit_while_queued_merges(clock: trio.testing.MockClock) -> None
     b, merged_b = await h.submit("x")
     assert merged_b and b.name == a.name and b.waiters == 2
     assert h.s.stats.merged == 1 and h.s.stats.executes == 2
-    assert len(h.s.store) == 1 and len(h.s.queues) == 1
+    assert len(h.s.store.snapshot()) == 1 and h.s.queued() == 1
 
 
 async def test_submit_during_cache_check_merges(clock: trio.testing.MockClock) -> None:
     h = Harness()
-    a, _ = h.s.submit(spec("x"))
-    b, merged = h.s.submit(spec("x"))
+    a, _ = await h.s.submit(spec("x"))
+    b, merged = await h.s.submit(spec("x"))
     assert merged and b.name == a.name and b.stage is Stage.CACHE_CHECK and b.waiters == 2
 
 
@@ -51,11 +51,11 @@ async def test_submit_while_executing_merges_and_after_completion_does_not(
     h = Harness()
     w = h.worker("w1")
     a, _ = await h.submit("x")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 1)]
     b, merged = await h.submit("x")
     assert merged and b.name == a.name and b.stage is Stage.EXECUTING and b.waiters == 2
-    h.s.finished(w, a.name, 1, OK, retryable=False)
+    await h.s.finished(w, a.name, 1, OK, retryable=False)
     assert h.get(a.name).done
     c, merged = await h.submit("x")
     assert not merged and c.name != a.name and c.stage is Stage.QUEUED
@@ -81,7 +81,7 @@ async def test_do_not_cache_is_never_merged(clock: trio.testing.MockClock) -> No
     assert not md and d.name not in (a.name, b.name, c.name)
     e, me = await h.submit("x")
     assert me and e.name == c.name
-    assert len(h.s.store) == 4 and len(h.s.queues) == 4
+    assert len(h.s.store.snapshot()) == 4 and h.s.queued() == 4
 
 
 # -- cache check -------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ async def test_action_cache_hit_completes(clock: trio.testing.MockClock) -> None
     op, _ = await h.submit("x")
     assert op.done and op.stage is Stage.COMPLETED
     assert op.outcome == Outcome(result=b"cached-result", cached_result=True)
-    assert op.attempt == 0 and len(h.s.queues) == 0
+    assert op.attempt == 0 and h.s.queued() == 0
     assert h.s.stats.cache_hits == 1 and h.s.stats.completed == {"cached": 1}
     # A cache hit does not index the operation for merging.
     again, merged = await h.submit("x")
@@ -134,12 +134,12 @@ async def test_failing_action_cache_executes_instead(clock: trio.testing.MockClo
 
 async def test_cancel_during_cache_check(clock: trio.testing.MockClock) -> None:
     h = Harness()
-    op, _ = h.s.submit(spec("x"))
-    cancelled = h.s.cancel(op.name)
+    op, _ = await h.s.submit(spec("x"))
+    cancelled = await h.s.cancel(op.name)
     assert cancelled is not None and cancelled.done
     assert await h.s.check_cache(op) is None
     assert h.get(op.name).outcome == cancelled.outcome
-    assert len(h.s.queues) == 0
+    assert h.s.queued() == 0
 
 
 # -- dispatch order ---------------------------------------------------------------------------------
@@ -155,14 +155,14 @@ async def test_priority_then_fifo_dispatch_order(clock: trio.testing.MockClock) 
     w = h.worker("w1", [("OSFamily", "linux")], max_inflight=1)
     order = []
     for _ in range(5):
-        assert h.s.dispatch_ready() == 1
-        assert h.s.dispatch_ready() == 0  # the one slot is taken
+        assert await h.s.dispatch_ready() == 1
+        assert await h.s.dispatch_ready() == 0  # the one slot is taken
         [(kind, name, attempt)] = h.sent("w1")
         assert kind == "start" and attempt == 1
         order.append(names[name])
-        h.s.finished(w, name, attempt, OK, retryable=False)
+        await h.s.finished(w, name, attempt, OK, retryable=False)
     assert order == ["d", "b", "e", "a", "c"]
-    assert h.s.dispatch_ready() == 0
+    assert await h.s.dispatch_ready() == 0
 
 
 async def test_requeued_operation_goes_behind_its_priority(clock: trio.testing.MockClock) -> None:
@@ -170,13 +170,13 @@ async def test_requeued_operation_goes_behind_its_priority(clock: trio.testing.M
     a, _ = await h.submit("a")
     b, _ = await h.submit("b")
     w = h.worker("w1")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 1)]
-    h.s.finished(w, a.name, 1, Outcome(status=Status.INTERNAL), retryable=True)
-    h.s.dispatch_ready()
+    await h.s.finished(w, a.name, 1, Outcome(status=Status.INTERNAL), retryable=True)
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", b.name, 1)]
-    h.s.finished(w, b.name, 1, OK, retryable=False)
-    h.s.dispatch_ready()
+    await h.s.finished(w, b.name, 1, OK, retryable=False)
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 2)]
 
 
@@ -187,11 +187,11 @@ async def test_unmatched_operations_wait_for_a_matching_worker(
     big, _ = await h.submit("big", queue_key=(("cores", "8"),))
     small, _ = await h.submit("small", queue_key=(("cores", "2"),))
     h.worker("small-worker", [("cores", "4")], max_inflight=4)
-    assert h.s.dispatch_ready() == 1
+    assert await h.s.dispatch_ready() == 1
     assert h.sent("small-worker") == [("start", small.name, 1)]
     assert h.get(big.name).stage is Stage.QUEUED
     h.worker("big-worker", [("cores", "16")])
-    assert h.s.dispatch_ready() == 1
+    assert await h.s.dispatch_ready() == 1
     assert h.sent("big-worker") == [("start", big.name, 1)]
 
 
@@ -200,14 +200,14 @@ async def test_backpressure(clock: trio.testing.MockClock) -> None:
     w = h.worker("w1", max_inflight=1)
     a, _ = await h.submit("a")
     b, _ = await h.submit("b")
-    assert h.s.dispatch_ready() == 1
-    assert h.s.dispatch_ready() == 0
+    assert await h.s.dispatch_ready() == 1
+    assert await h.s.dispatch_ready() == 0
     assert h.sent("w1") == [("start", a.name, 1)]
     assert h.get(b.name).stage is Stage.QUEUED
-    h.s.progress(w, a.name, 1)
-    assert h.s.dispatch_ready() == 0
-    h.s.finished(w, a.name, 1, OK, retryable=False)
-    assert h.s.dispatch_ready() == 1
+    await h.s.progress(w, a.name, 1)
+    assert await h.s.dispatch_ready() == 0
+    await h.s.finished(w, a.name, 1, OK, retryable=False)
+    assert await h.s.dispatch_ready() == 1
     assert h.sent("w1") == [("start", b.name, 1)]
 
 
@@ -216,14 +216,14 @@ async def test_max_inflight_is_at_least_one(clock: trio.testing.MockClock) -> No
     w = h.worker("w1", max_inflight=0)
     assert w.max_inflight == 1
     await h.submit("a")
-    assert h.s.dispatch_ready() == 1
+    assert await h.s.dispatch_ready() == 1
 
 
 async def test_several_slots_fill_in_one_pass(clock: trio.testing.MockClock) -> None:
     h = Harness()
     h.worker("w1", max_inflight=3)
     ops = [(await h.submit(t))[0] for t in "abcde"]
-    assert h.s.dispatch_ready() == 3
+    assert await h.s.dispatch_ready() == 3
     assert [m[1] for m in h.sent("w1")] == [o.name for o in ops[:3]]
 
 
@@ -236,7 +236,7 @@ async def test_worker_choice(clock: trio.testing.MockClock, strategy: str) -> No
     for tag in "abcd":
         clock.jump(1)
         await h.submit(tag)
-        assert h.s.dispatch_ready() == 1
+        assert await h.s.dispatch_ready() == 1
         [who] = [wid for wid in ("w1", "w2", "w3") if h.sent(wid)]
         got.append(who)
     if strategy == "least_recently_used":
@@ -250,12 +250,12 @@ async def test_lru_prefers_the_worker_idle_longest(clock: trio.testing.MockClock
     w1 = h.worker("w1", max_inflight=2)
     h.worker("w2", max_inflight=2)
     a, _ = await h.submit("a")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 1)]
     clock.jump(1)
-    h.s.finished(w1, a.name, 1, OK, retryable=False)
+    await h.s.finished(w1, a.name, 1, OK, retryable=False)
     b, _ = await h.submit("b")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w2") == [("start", b.name, 1)]
 
 
@@ -263,17 +263,17 @@ async def test_going_away_worker_gets_nothing_new(clock: trio.testing.MockClock)
     h = Harness()
     w1 = h.worker("w1", max_inflight=4)
     a, _ = await h.submit("a")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 1)]
     h.s.worker_going_away(w1)
     b, _ = await h.submit("b")
-    assert h.s.dispatch_ready() == 0 and h.sent("w1") == []
+    assert await h.s.dispatch_ready() == 0 and h.sent("w1") == []
     # Its running action still completes normally.
-    done = h.s.finished(w1, a.name, 1, OK, retryable=False)
+    done = await h.s.finished(w1, a.name, 1, OK, retryable=False)
     assert done is not None and done.done and done.outcome == OK
-    assert h.s.dispatch_ready() == 0
+    assert await h.s.dispatch_ready() == 0
     h.worker("w2")
-    assert h.s.dispatch_ready() == 1
+    assert await h.s.dispatch_ready() == 1
     assert h.sent("w2") == [("start", b.name, 1)]
 
 
@@ -282,7 +282,7 @@ async def test_duplicate_worker_id_is_refused(clock: trio.testing.MockClock) -> 
     w = h.worker("w1")
     with pytest.raises(FailedPrecondition, match="w1"):
         h.worker("w1")
-    h.s.worker_lost(w, "disconnected")
+    await h.s.worker_lost(w, "disconnected")
     h.worker("w1")  # the id is free again
 
 
@@ -293,27 +293,27 @@ async def test_keepalive_loss_requeues_with_a_new_attempt(clock: trio.testing.Mo
     h = Harness(worker_timeout_s=5.0)
     w1 = h.worker("w1", max_inflight=2)
     a, _ = await h.submit("a")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 1)]
     clock.jump(4)
     h.s.worker_seen(w1)
     clock.jump(4)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert "w1" in h.s.workers  # seen 4 s ago
     clock.jump(1.5)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert "w1" not in h.s.workers and h.s.stats.workers_lost == 1
     op = h.get(a.name)
     assert op.stage is Stage.QUEUED and op.retries == 1 and op.worker_id == ""
     assert op.history == ("attempt 1 on w1: worker lost (no keepalive for 5s)",)
-    assert a.name in h.s.queues
+    assert a.name in h.s.store.queues
     h.worker("w2")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w2") == [("start", a.name, 2)]
     op = h.get(a.name)
     assert op.stage is Stage.EXECUTING and op.worker_id == "w2" and op.attempt == 2
     # The lost worker's late report is ignored.
-    assert h.s.finished(w1, a.name, 1, OK, retryable=False) is None
+    assert await h.s.finished(w1, a.name, 1, OK, retryable=False) is None
     assert h.get(a.name).stage is Stage.EXECUTING
 
 
@@ -322,27 +322,27 @@ async def test_worker_lost_gives_up_after_max_retries(clock: trio.testing.MockCl
     a, _ = await h.submit("a")
     for i in range(2):
         w = h.worker(f"w{i}")
-        h.s.dispatch_ready()
+        await h.s.dispatch_ready()
         assert h.sent(f"w{i}") == [("start", a.name, i + 1)]
-        h.s.worker_lost(w, "disconnected")
+        await h.s.worker_lost(w, "disconnected")
     op = h.get(a.name)
     assert op.done and op.outcome is not None and op.outcome.status is Status.UNAVAILABLE
     assert "gave up after 1 retries" in op.outcome.message
     assert "attempt 2 on w1: worker lost (disconnected)" in op.outcome.message
-    assert len(h.s.queues) == 0
+    assert h.s.queued() == 0
 
 
 async def test_worker_lost_twice_is_harmless(clock: trio.testing.MockClock) -> None:
     h = Harness()
     w = h.worker("w1")
     await h.submit("a")
-    h.s.dispatch_ready()
-    h.s.worker_lost(w, "x")
-    h.s.worker_lost(w, "x")
+    await h.s.dispatch_ready()
+    await h.s.worker_lost(w, "x")
+    await h.s.worker_lost(w, "x")
     assert h.s.stats.workers_lost == 1
     # A new connection under the same id is not removed by the old one's loss.
     w_new = h.worker("w1")
-    h.s.worker_lost(w, "late")
+    await h.s.worker_lost(w, "late")
     assert h.s.workers["w1"] is w_new
 
 
@@ -351,36 +351,36 @@ async def test_retryable_failures_then_give_up(clock: trio.testing.MockClock) ->
     w = h.worker("w1")
     a, _ = await h.submit("a")
     for attempt in (1, 2, 3):
-        h.s.dispatch_ready()
+        await h.s.dispatch_ready()
         assert h.sent("w1") == [("start", a.name, attempt)]
-        h.s.finished(w, a.name, attempt, Outcome(status=Status.INTERNAL, message="io"), True)
+        await h.s.finished(w, a.name, attempt, Outcome(status=Status.INTERNAL, message="io"), True)
     op = h.get(a.name)
     assert op.done and op.outcome is not None and op.outcome.status is Status.UNAVAILABLE
     assert op.retries == 3 and h.s.stats.retries == 3
-    assert h.s.dispatch_ready() == 0
+    assert await h.s.dispatch_ready() == 0
 
 
 async def test_decline_pauses_the_worker_and_does_not_count(clock: trio.testing.MockClock) -> None:
     h = Harness(max_job_retries=0, decline_pause_s=2.0)
     w1 = h.worker("w1")
     a, _ = await h.submit("a")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 1)]
-    h.s.declined(w1, a.name, 1, "precondition failed")
+    await h.s.declined(w1, a.name, 1, "precondition failed")
     op = h.get(a.name)
     assert op.stage is Stage.QUEUED and op.retries == 0
     assert op.history == ("attempt 1 on w1: declined: precondition failed",)
-    assert h.s.dispatch_ready() == 0  # w1 is paused
+    assert await h.s.dispatch_ready() == 0  # w1 is paused
     clock.jump(2.5)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert w1.paused_until == 0.0
-    assert h.s.dispatch_ready() == 1
+    assert await h.s.dispatch_ready() == 1
     assert h.sent("w1") == [("start", a.name, 2)]
-    h.s.declined(w1, a.name, 2, "again")
+    await h.s.declined(w1, a.name, 2, "again")
     w2 = h.worker("w2")
-    assert h.s.dispatch_ready() == 1
+    assert await h.s.dispatch_ready() == 1
     assert h.sent("w2") == [("start", a.name, 3)]
-    done = h.s.finished(w2, a.name, 3, OK, retryable=False)
+    done = await h.s.finished(w2, a.name, 3, OK, retryable=False)
     assert done is not None and done.outcome == OK
 
 
@@ -391,28 +391,28 @@ async def test_no_progress_timeout_requeues_and_cancels(clock: trio.testing.Mock
     h = Harness(max_action_executing_timeout_s=10.0, worker_timeout_s=100.0)
     w1 = h.worker("w1")
     a, _ = await h.submit("a")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 1)]
     clock.jump(8)
-    h.s.progress(w1, a.name, 1)
+    await h.s.progress(w1, a.name, 1)
     clock.jump(8)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert h.get(a.name).stage is Stage.EXECUTING  # progress 8 s ago
     clock.jump(3)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert h.sent("w1") == [("cancel", a.name, 1)]
     op = h.get(a.name)
     assert op.stage is Stage.QUEUED and op.retries == 1
     assert op.history == ("attempt 1 on w1: no progress for 10s",)
     # The worker's slot stays taken until it reports on the cancelled attempt.
-    assert h.s.dispatch_ready() == 0
+    assert await h.s.dispatch_ready() == 0
     w2 = h.worker("w2")
-    assert h.s.dispatch_ready() == 1
+    assert await h.s.dispatch_ready() == 1
     assert h.sent("w2") == [("start", a.name, 2)]
     # The first worker's late Finished for attempt 1 is stale.
-    assert h.s.finished(w1, a.name, 1, OK, retryable=False) is None
+    assert await h.s.finished(w1, a.name, 1, OK, retryable=False) is None
     assert h.get(a.name).stage is Stage.EXECUTING and w1.running == set()
-    done = h.s.finished(w2, a.name, 2, Outcome(result=b"second"), retryable=False)
+    done = await h.s.finished(w2, a.name, 2, Outcome(result=b"second"), retryable=False)
     assert done is not None and done.outcome == Outcome(result=b"second")
 
 
@@ -420,54 +420,54 @@ async def test_no_progress_timeout_disabled_by_default(clock: trio.testing.MockC
     h = Harness(worker_timeout_s=1e9)
     h.worker("w1")
     a, _ = await h.submit("a")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     clock.jump(1e6)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert h.get(a.name).stage is Stage.EXECUTING
 
 
 async def test_unwatched_operation_is_cancelled(clock: trio.testing.MockClock) -> None:
     h = Harness(client_action_timeout_s=30.0)
     a, _ = await h.submit("a")
-    h.s.detach(a.name)
-    assert h.get(a.name).unwatched_since == trio.current_time()
+    await h.s.detach(a.name)
+    assert h.get(a.name).unwatched_since == h.s.now()
     clock.jump(20)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert h.get(a.name).stage is Stage.QUEUED
     clock.jump(11)
-    h.s.check_timers()
+    await h.s.check_timers()
     op = h.get(a.name)
     assert op.done and op.outcome is not None and op.outcome.status is Status.CANCELLED
     assert "no client waited for 30s" in op.outcome.message
     assert h.s.stats.cancelled_unwatched == 1
-    assert a.name not in h.s.queues
+    assert a.name not in h.s.store.queues
 
 
 async def test_watched_operation_is_not_cancelled(clock: trio.testing.MockClock) -> None:
     h = Harness(client_action_timeout_s=30.0)
     a, _ = await h.submit("a")
     await h.submit("a")
-    h.s.detach(a.name)  # one of two waiters leaves
+    await h.s.detach(a.name)  # one of two waiters leaves
     clock.jump(1000)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert h.get(a.name).stage is Stage.QUEUED and h.get(a.name).waiters == 1
 
 
 async def test_reattaching_resets_the_unwatched_clock(clock: trio.testing.MockClock) -> None:
     h = Harness(client_action_timeout_s=30.0)
     a, _ = await h.submit("a")
-    h.s.detach(a.name)
+    await h.s.detach(a.name)
     clock.jump(20)
-    assert h.s.attach(a.name) is not None
+    assert await h.s.attach(a.name) is not None
     clock.jump(20)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert not h.get(a.name).done
-    h.s.detach(a.name)
+    await h.s.detach(a.name)
     clock.jump(25)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert not h.get(a.name).done
     clock.jump(10)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert h.get(a.name).done
 
 
@@ -477,11 +477,11 @@ async def test_unwatched_executing_operation_cancel_reaches_the_worker(
     h = Harness(client_action_timeout_s=5.0, worker_timeout_s=100.0)
     h.worker("w1")
     a, _ = await h.submit("a")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 1)]
-    h.s.detach(a.name)
+    await h.s.detach(a.name)
     clock.jump(6)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert h.sent("w1") == [("cancel", a.name, 1)]
     assert h.get(a.name).done
 
@@ -491,18 +491,18 @@ async def test_unwatched_since_time_zero(mock_clock: trio.testing.MockClock) -> 
     h = Harness(client_action_timeout_s=30.0)
     a, _ = await h.submit("a")
     assert trio.current_time() == 0.0
-    h.s.detach(a.name)
+    await h.s.detach(a.name)
     mock_clock.jump(31)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert h.get(a.name).done
 
 
 async def test_client_timeout_disabled(clock: trio.testing.MockClock) -> None:
     h = Harness(client_action_timeout_s=0.0)
     a, _ = await h.submit("a")
-    h.s.detach(a.name)
+    await h.s.detach(a.name)
     clock.jump(1e6)
-    h.s.check_timers()
+    await h.s.check_timers()
     assert not h.get(a.name).done
 
 
@@ -511,18 +511,18 @@ async def test_completed_operations_expire(clock: trio.testing.MockClock) -> Non
     w = h.worker("w1")
     a, _ = await h.submit("a")
     b, _ = await h.submit("b")
-    h.s.dispatch_ready()
-    h.s.finished(w, a.name, 1, OK, retryable=False)
+    await h.s.dispatch_ready()
+    await h.s.finished(w, a.name, 1, OK, retryable=False)
     clock.jump(30)
-    h.s.check_timers()  # (no keepalive needed: the default worker timeout is irrelevant here)
+    await h.s.check_timers()  # (no keepalive needed: the default worker timeout is irrelevant here)
     assert h.get(a.name).done
-    assert h.s.attach(a.name) is not None  # a late WaitExecution still finds it
-    h.s.detach(a.name)
+    assert await h.s.attach(a.name) is not None  # a late WaitExecution still finds it
+    await h.s.detach(a.name)
     clock.jump(31)
-    h.s.check_timers()
-    assert h.s.store.get(a.name) is None
-    assert h.s.attach(a.name) is None
-    assert h.s.store.get(b.name) is not None  # not completed: kept
+    await h.s.check_timers()
+    assert h.s.store.get_now(a.name) is None
+    assert await h.s.attach(a.name) is None
+    assert h.s.store.get_now(b.name) is not None  # not completed: kept
 
 
 async def test_store_wait_changed_sees_completion(clock: trio.testing.MockClock) -> None:
@@ -539,7 +539,7 @@ async def test_store_wait_changed_sees_completion(clock: trio.testing.MockClock)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch)
         await trio.testing.wait_all_tasks_blocked()
-        h.s.cancel(a.name)
+        await h.s.cancel(a.name)
     assert seen == [Stage.COMPLETED]
 
 
@@ -550,33 +550,33 @@ async def test_cancel_while_executing_tells_the_worker(clock: trio.testing.MockC
     h = Harness()
     w = h.worker("w1")
     a, _ = await h.submit("a")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w1") == [("start", a.name, 1)]
-    op = h.s.cancel(a.name, "user hit ^C")
+    op = await h.s.cancel(a.name, "user hit ^C")
     assert op is not None and op.done
     assert op.outcome == Outcome(status=Status.CANCELLED, message="user hit ^C")
     assert h.sent("w1") == [("cancel", a.name, 1)]
     # The worker acknowledges with a Finished that no longer applies; its slot is freed.
-    assert h.s.finished(w, a.name, 1, OK, retryable=False) is None
+    assert await h.s.finished(w, a.name, 1, OK, retryable=False) is None
     assert h.get(a.name).outcome == op.outcome and w.running == set()
     # Cancelling again is a no-op.
-    assert h.s.cancel(a.name) is None and h.sent("w1") == []
+    assert await h.s.cancel(a.name) is None and h.sent("w1") == []
 
 
 async def test_cancel_while_queued(clock: trio.testing.MockClock) -> None:
     h = Harness()
     a, _ = await h.submit("a")
-    assert a.name in h.s.queues
-    assert h.s.cancel(a.name) is not None
-    assert a.name not in h.s.queues
+    assert a.name in h.s.store.queues
+    assert await h.s.cancel(a.name) is not None
+    assert a.name not in h.s.store.queues
     h.worker("w1")
-    assert h.s.dispatch_ready() == 0 and h.sent("w1") == []
+    assert await h.s.dispatch_ready() == 0 and h.sent("w1") == []
 
 
 async def test_cancelled_operation_is_no_longer_merged(clock: trio.testing.MockClock) -> None:
     h = Harness()
     a, _ = await h.submit("a")
-    h.s.cancel(a.name)
+    await h.s.cancel(a.name)
     b, merged = await h.submit("a")
     assert not merged and b.name != a.name
 
@@ -585,18 +585,20 @@ async def test_stale_reports_after_requeue_are_ignored(clock: trio.testing.MockC
     h = Harness()
     w1 = h.worker("w1", max_inflight=2)
     a, _ = await h.submit("a")
-    h.s.dispatch_ready()
-    h.s.declined(w1, a.name, 1, "busy")
+    await h.s.dispatch_ready()
+    await h.s.declined(w1, a.name, 1, "busy")
     w2 = h.worker("w2")
-    h.s.dispatch_ready()
+    await h.s.dispatch_ready()
     assert h.sent("w2") == [("start", a.name, 2)]
-    h.s.progress(w1, a.name, 1)
-    assert h.s.finished(w1, a.name, 1, Outcome(status=Status.INTERNAL), retryable=True) is None
-    h.s.declined(w1, a.name, 1, "late")
+    await h.s.progress(w1, a.name, 1)
+    assert (
+        await h.s.finished(w1, a.name, 1, Outcome(status=Status.INTERNAL), retryable=True) is None
+    )
+    await h.s.declined(w1, a.name, 1, "late")
     op = h.get(a.name)
     assert op.stage is Stage.EXECUTING and op.attempt == 2 and op.worker_id == "w2"
     assert op.retries == 0 and len(op.history) == 1
-    assert h.s.finished(w2, a.name, 2, OK, retryable=False) is not None
+    assert await h.s.finished(w2, a.name, 2, OK, retryable=False) is not None
 
 
 async def test_declines_end_the_action_after_max_declines(clock: trio.testing.MockClock) -> None:
@@ -605,14 +607,14 @@ async def test_declines_end_the_action_after_max_declines(clock: trio.testing.Mo
     w = h.worker("w1")
     a, _ = await h.submit("a")
     for attempt in range(1, 5):
-        assert h.s.dispatch_ready() == 1
+        assert await h.s.dispatch_ready() == 1
         assert h.sent("w1") == [("start", a.name, attempt)]
-        h.s.declined(w, a.name, attempt, "no GPU here")
+        await h.s.declined(w, a.name, attempt, "no GPU here")
     op = h.get(a.name)
     assert op.done and op.outcome is not None
     assert op.outcome.status is Status.FAILED_PRECONDITION
     assert "declined by workers 4 times" in op.outcome.message
-    assert h.s.dispatch_ready() == 0 and len(h.s.queues) == 0
+    assert await h.s.dispatch_ready() == 0 and h.s.queued() == 0
 
 
 async def test_skip_cache_lookup_does_not_merge_into_a_cache_check(
@@ -620,8 +622,8 @@ async def test_skip_cache_lookup_does_not_merge_into_a_cache_check(
 ) -> None:
     h = Harness()
     await h.ac.put(ActionKey("", spec("x").digest), b"cached-result")
-    checking, _ = h.s.submit(spec("x"))  # its cache check has not run yet
-    fresh, merged = h.s.submit(spec("x", skip_cache_lookup=True))
+    checking, _ = await h.s.submit(spec("x"))  # its cache check has not run yet
+    fresh, merged = await h.s.submit(spec("x", skip_cache_lookup=True))
     assert not merged and fresh.name != checking.name
     hit = await h.s.check_cache(checking)
     assert hit is not None and hit.done and hit.outcome is not None and hit.outcome.cached_result
@@ -629,7 +631,7 @@ async def test_skip_cache_lookup_does_not_merge_into_a_cache_check(
     assert own is not None and own.stage is Stage.QUEUED  # it runs, as the client asked
     # Once the first operation is past its cache check, skip requests merge into it as before.
     queued, _ = await h.submit("y")
-    again, merged = h.s.submit(spec("y", skip_cache_lookup=True))
+    again, merged = await h.s.submit(spec("y", skip_cache_lookup=True))
     assert merged and again.name == queued.name
 
 
@@ -638,10 +640,10 @@ async def test_live_operations_are_bounded(clock: trio.testing.MockClock) -> Non
     a, _ = await h.submit("a")
     await h.submit("b")
     with pytest.raises(ResourceExhausted, match="max_live_operations"):
-        h.s.submit(spec("c"))
-    again, merged = h.s.submit(spec("a"))  # merging costs nothing and is still allowed
+        await h.s.submit(spec("c"))
+    again, merged = await h.s.submit(spec("a"))  # merging costs nothing and is still allowed
     assert merged and again.name == a.name
-    h.s.cancel(a.name)
+    await h.s.cancel(a.name)
     assert h.s.store.live == 1
     c, merged = await h.submit("c")
     assert not merged and h.s.store.live == 2
