@@ -178,7 +178,10 @@ class FilesystemStore(Store):
                         log.warning("ignoring unexpected directory %s", f.path)
                         continue
                     digest = _parse_file_name(f.name, function, shard.name)
-                    st = f.stat(follow_symlinks=False)
+                    try:
+                        st = f.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # evicted meanwhile by another process sharing the store
                     if digest is None or st.st_size != digest.size:
                         log.warning("removing corrupt or foreign file %s", f.path)
                         _remove_quietly(f.path)
