@@ -188,3 +188,20 @@ EXECUTION_DURATION = Histogram(
 CAS_BYTES = Counter(
     "reexec_cas_bytes_total", "Bytes through the ByteStream service", ("direction",)
 )
+STATE_STORE_LATENCY = Histogram(
+    "reexec_state_store_seconds",
+    "Round trips to the shared scheduler state store (Redis), by operation",
+    ("op",),
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0),
+)
+STATE_STORE_ERRORS = Counter(
+    "reexec_state_store_errors_total", "Calls to the shared scheduler state store that failed"
+)
+SCHEDULER_CAS_CONFLICTS = Counter(
+    "reexec_scheduler_cas_conflicts_total",
+    "Transitions whose compare-and-set lost to another writer and were re-applied",
+)
+SCHEDULER_CAS_EXHAUSTED = Counter(
+    "reexec_scheduler_cas_exhausted_total",
+    "Transitions that lost every compare-and-set they tried (answered UNAVAILABLE)",
+)

@@ -33,6 +33,10 @@ from reexec.metrics import (
     EXECUTION_DURATION,
     QUEUE_WAIT,
     RPC_DURATION,
+    SCHEDULER_CAS_CONFLICTS,
+    SCHEDULER_CAS_EXHAUSTED,
+    STATE_STORE_ERRORS,
+    STATE_STORE_LATENCY,
     CollectedCounter,
     Gauge,
     Registry,
@@ -136,7 +140,11 @@ def collect_status(sources: StatusSources) -> dict[str, Any]:
                 "completed": dict(st.completed),
                 "cancelled_unwatched": st.cancelled_unwatched,
                 "workers_lost": st.workers_lost,
+                "conflicts": st.conflicts,
+                "adopted": st.adopted,
+                "leases_expired": st.leases_expired,
             },
+            "state": _state_view(sched, mono),
         }
     journal = sources.journal
     if journal is not None:
@@ -167,9 +175,41 @@ def collect_status(sources: StatusSources) -> dict[str, Any]:
     return doc
 
 
+def _state_view(sched: Any, now: float) -> dict[str, Any]:
+    """Where the scheduler's state lives and, when shared, every scheduler's workers."""
+    store = sched.store
+    view: dict[str, Any] = {
+        "type": "redis" if store.shared else "memory",
+        "scheduler_id": store.scheduler_id,
+    }
+    if store.shared:
+        view["available"] = sched.view.available
+        view["read_s_ago"] = round(now - sched.view.read_at, 1) if sched.view.read_at else None
+        view["fleet"] = [
+            {
+                "id": lease.worker_id,
+                "scheduler": lease.scheduler_id or None,  # None: between connections
+                "slots": lease.slots,
+                "busy": lease.running,
+                "lease_left_s": round(lease.until - now, 1),
+            }
+            for lease in sorted(sched.view.leases.values(), key=lambda lease: lease.worker_id)
+        ]
+    return view
+
+
 def metrics_text(sources: StatusSources) -> str:
     reg = Registry()
-    for m in (RPC_DURATION, QUEUE_WAIT, EXECUTION_DURATION, CAS_BYTES):
+    for m in (
+        RPC_DURATION,
+        QUEUE_WAIT,
+        EXECUTION_DURATION,
+        CAS_BYTES,
+        STATE_STORE_LATENCY,
+        STATE_STORE_ERRORS,
+        SCHEDULER_CAS_CONFLICTS,
+        SCHEDULER_CAS_EXHAUSTED,
+    ):
         reg.add(m)
 
     def gauge(

@@ -110,6 +110,13 @@ def render(doc: dict[str, Any]) -> str:
         )
     sched = doc.get("scheduler")
     if sched:
+        state = sched.get("state") or {}
+        if state.get("type") == "redis":
+            health = "" if state.get("available", True) else " [UNAVAILABLE]"
+            lines.append(
+                f"State: shared (redis){health}; this scheduler is {state['scheduler_id']}; "
+                "queues and operations are the shared view"
+            )
         lines.append(f"Queue: {sched['queued']} queued")
         for q in sched["queues"]:
             label = ",".join(f"{k}={v}" for k, v in q["properties"].items()) or "(no properties)"
@@ -133,6 +140,21 @@ def render(doc: dict[str, Any]) -> str:
                     ]
                 )
             lines += _table(rows)
+        fleet = (state.get("fleet") or []) if state.get("type") == "redis" else []
+        if fleet:
+            lines.append(f"Fleet ({len(fleet)} workers across all schedulers):")
+            rows = [["ID", "SCHEDULER", "SLOTS", "BUSY", "LEASE LEFT"]]
+            for f in fleet:
+                rows.append(
+                    [
+                        f["id"],
+                        f["scheduler"] or "(reconnecting)",
+                        str(f["slots"]),
+                        str(f["busy"]),
+                        _duration(max(f["lease_left_s"], 0)),
+                    ]
+                )
+            lines += _table(rows)
         running = [(r, w["id"]) for w in workers for r in w["running"]]
         lines.append(f"Running actions ({len(running)}):")
         if running:
@@ -145,6 +167,7 @@ def render(doc: dict[str, Any]) -> str:
             f"Totals: {t['executes']:,} executes, {t['merged']:,} merged, "
             f"{t['cache_hits']:,} cache hits, {t['dispatched']:,} dispatched, "
             f"{t['retries']:,} retries, {t['workers_lost']:,} workers lost"
+            + (f", {t['conflicts']:,} state conflicts" if t.get("conflicts") else "")
         )
     worker = doc.get("worker")
     if worker:

@@ -35,7 +35,8 @@ import trio
 from coredis.exceptions import RedisError
 from coredis.tokens import PureToken
 
-from reexec.metrics import Counter, Histogram
+from reexec.metrics import STATE_STORE_ERRORS as STATE_ERRORS
+from reexec.metrics import STATE_STORE_LATENCY as STATE_LATENCY
 from reexec.redis_client import connect, is_unavailable, parse_url
 from reexec.sched.matching import QueueKey
 from reexec.sched.state import Operation, Stage
@@ -51,16 +52,6 @@ from reexec.sched.state_store import (
 )
 
 log = logging.getLogger(__name__)
-
-STATE_LATENCY = Histogram(
-    "reexec_state_store_seconds",
-    "Round trips to the scheduler state store, by operation",
-    ("op",),
-    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0),
-)
-STATE_ERRORS = Counter(
-    "reexec_state_store_errors_total", "State store calls that failed (store unreachable)"
-)
 
 # Waiters re-read at least this often even without a change message (messages published
 # while the listener reconnects are lost).

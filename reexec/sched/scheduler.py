@@ -37,7 +37,8 @@ import trio
 from reexec.cas.action_cache import ActionCache, ActionKey
 from reexec.cas.digest import Digest, DigestFunction
 from reexec.errors import FailedPrecondition, ResourceExhausted, Unavailable
-from reexec.metrics import Counter
+from reexec.metrics import SCHEDULER_CAS_CONFLICTS as CAS_CONFLICTS
+from reexec.metrics import SCHEDULER_CAS_EXHAUSTED as CAS_GAVE_UP
 from reexec.sched.change_log import completion_label, log_change, observe_durations
 from reexec.sched.config import SchedulerConfig
 from reexec.sched.matching import QueueKey, matches, worker_properties
@@ -66,15 +67,6 @@ log = logging.getLogger(__name__)
 # A transition that loses this many compare-and-sets in a row gives up (UNAVAILABLE): the
 # record is being rewritten faster than we can read it, which only a bug or a storm causes.
 MAX_CAS_ATTEMPTS = 50
-
-CAS_CONFLICTS = Counter(
-    "reexec_scheduler_cas_conflicts_total",
-    "Transitions whose compare-and-set lost to another writer and were re-applied",
-)
-CAS_GAVE_UP = Counter(
-    "reexec_scheduler_cas_exhausted_total",
-    f"Transitions that lost {MAX_CAS_ATTEMPTS} compare-and-sets in a row",
-)
 
 # Records this process wrote or read last, for synchronous readers (status); bounded.
 RECENT_RECORDS = 50_000
@@ -306,6 +298,9 @@ class Scheduler:
         if not op.skip_cache_lookup and not op.do_not_cache:
             try:
                 data = await self.ac.get(action_key_of(op))
+            except Unavailable as e:
+                log.warning("action cache unavailable for %s; executing instead: %s", op.name, e)
+                data = None
             except Exception:
                 log.exception("action cache lookup failed for %s; executing instead", op.name)
                 data = None

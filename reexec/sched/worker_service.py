@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+from typing import Any
 
 import trio
 from grpclib.const import Status
@@ -127,24 +128,37 @@ class WorkerService(Service):
         reg: fastpb.Message,
         outbox: trio.MemoryReceiveChannel[tuple[str, str, int]],
     ) -> None:
-        hello = SchedulerMessage()
-        interval = max(self.scheduler.settings.worker_timeout_s / 3, 0.05)
-        hello.registered.keepalive_interval.FromNanoseconds(int(interval * 1e9))
-        await aio(stream.send_message, hello)
         # Attempts the worker still runs from before it (re)connected: the ones the state still
         # assigns to it are adopted (it moved from another scheduler, or came back within its
         # lease); the others were requeued or finished meanwhile, so the worker cancels them.
         # Those cancels are the first messages in the outbox, ahead of any new start.
+        # Adopted *before* Registered is sent: the worker sends its held results right after
+        # Registered and forgets each once it is on the stream, so a Registered sent while the
+        # state store is unreachable (adopt then fails and the stream ends) made it drop them,
+        # and their actions ran again (tests/e2e/test_scheduler_ha.py, Redis stopped while
+        # actions queue). Without Registered the worker keeps them and tries again.
         attempts = [(r.operation_name, r.attempt) for r in reg.running] or [
             (name, 0) for name in reg.running_operations
         ]
         pending = [r.operation_name for r in reg.pending_results]
         for name in await self.scheduler.adopt(worker, attempts, pending):
             self.scheduler.cancel_stale_attempt(worker, name)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._sender, stream, worker, outbox)
-            await self._receiver(stream, worker)
-            nursery.cancel_scope.cancel()
+        hello = SchedulerMessage()
+        interval = max(self.scheduler.settings.worker_timeout_s / 3, 0.05)
+        hello.registered.keepalive_interval.FromNanoseconds(int(interval * 1e9))
+        await aio(stream.send_message, hello)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender, stream, worker, outbox)
+                await self._receiver(stream, worker)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The state store went away under the sender: end the stream with UNAVAILABLE
+            # (the worker reconnects), not as an internal error with a traceback.
+            unavailable, rest = group.split(Unavailable)
+            if rest is None and unavailable is not None:
+                raise _first_leaf(unavailable) from None
+            raise
 
     async def _receiver(self, stream: Stream, worker: WorkerState) -> None:
         scheduler = self.scheduler
@@ -157,16 +171,53 @@ class WorkerService(Service):
             if kind == "keepalive":
                 continue
             if kind == "progress":
-                await scheduler.progress(worker, msg.progress.operation_name, msg.progress.attempt)
+                try:
+                    await scheduler.progress(
+                        worker, msg.progress.operation_name, msg.progress.attempt
+                    )
+                except Unavailable as e:
+                    # Only a timestamp: not worth the worker's stream (ending it during a
+                    # Redis outage churned reconnections, each failing again).
+                    log.debug("progress of %s not recorded: %s", worker.worker_id, e.message)
             elif kind == "finished":
-                await self._finished(worker, msg.finished)
+                await self._until_recorded(worker, self._finished, worker, msg.finished)
             elif kind == "declined":
                 d = msg.declined
-                await scheduler.declined(worker, d.operation_name, d.attempt, d.reason)
+                await self._until_recorded(
+                    worker, scheduler.declined, worker, d.operation_name, d.attempt, d.reason
+                )
             elif kind == "going_away":
                 scheduler.worker_going_away(worker)
             else:
                 raise InvalidArgument(f"unexpected worker message {kind!r}")
+
+    async def _until_recorded(self, worker: WorkerState, fn: Any, *args: Any) -> None:
+        """Apply a worker's report, retrying while the state store is unavailable.
+
+        The worker forgets a result once it is on the stream, so ending the stream on
+        StateUnavailable lost it (the attempt was requeued and the action ran again once the
+        store returned). Retried here instead, with the worker counted as seen (it is, its
+        messages wait behind this one) so the keepalive check does not drop it, for at most
+        the worker lease: past it the attempt would be requeued anyway."""
+        scheduler = self.scheduler
+        deadline = trio.current_time() + scheduler.settings.state.worker_lease_s
+        delay = 0.1
+        while True:
+            try:
+                await fn(*args)
+                return
+            except Unavailable as e:
+                if trio.current_time() + delay > deadline:
+                    raise
+                log.warning(
+                    "worker %s: report not recorded, retrying in %.1fs: %s",
+                    worker.worker_id,
+                    delay,
+                    e.message,
+                )
+            await trio.sleep(delay)
+            scheduler.worker_seen(worker)
+            delay = min(delay * 2, 2.0)
 
     async def _finished(self, worker: WorkerState, finished: fastpb.Message) -> None:
         name, attempt = finished.operation_name, finished.attempt
@@ -263,6 +314,11 @@ class WorkerService(Service):
 
 def _already_disconnected(reason: str) -> None:
     pass
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _precondition_details(violations: tuple[Violation, ...]) -> tuple[tuple[str, bytes], ...]:
