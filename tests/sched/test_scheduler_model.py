@@ -130,6 +130,8 @@ class Conn:
     # Starts that arrived after the attempt was superseded: the connection's sender drops them
     # (and frees the slot); a cancel may still follow for them.
     dropped: set[tuple[str, int]] = field(default_factory=set)
+    # Attempts answered during a race: a cancel sent concurrently may cross the answer.
+    crossed: set[tuple[str, int]] = field(default_factory=set)
 
 
 @dataclass
@@ -191,7 +193,11 @@ class Model:
                 else:
                     assert kind == "cancel"
                     # Only ever for an attempt the worker was given and has not answered.
-                    assert (name, attempt) in conn.assigned or (name, attempt) in conn.dropped
+                    assert (
+                        (name, attempt) in conn.assigned
+                        or (name, attempt) in conn.dropped
+                        or (name, attempt) in conn.crossed
+                    )
 
     async def deliver(self) -> None:
         """Clients whose operation completed read the outcome and hang up (as the service does)."""
@@ -298,6 +304,8 @@ class Model:
             if got is not None:
                 conn, (name, attempt) = got
                 conn.assigned.remove((name, attempt))
+                if racing:
+                    conn.crossed.add((name, attempt))
                 op = await self.store.get(name)
                 current = (
                     op is not None
@@ -325,6 +333,8 @@ class Model:
             if got is not None:
                 conn, (name, attempt) = got
                 conn.assigned.remove((name, attempt))
+                if racing:
+                    conn.crossed.add((name, attempt))
                 before = await self.store.get(name)
                 await conn.sched.declined(conn.state, name, attempt, "not today")
                 after = await self.store.get(name)

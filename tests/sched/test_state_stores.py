@@ -255,7 +255,7 @@ async def test_unreachable_redis_is_unavailable_then_recovers(
     a = op()
     await s.create(a, mergeable=False)
     await trio.to_thread.run_sync(redis_server.stop)
-    with pytest.raises(StateUnavailable, match="state store .* is unavailable"):
+    with pytest.raises(StateUnavailable, match=r"state store .* is unavailable"):
         await s.get("op-1")
     with pytest.raises(StateUnavailable):
         await s.compare_and_set(a, replace(a, version=1))
