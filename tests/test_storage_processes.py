@@ -216,12 +216,25 @@ SHARED_AC = '[action_cache]\ntype = "redis"\nurl = "redis://127.0.0.1:6379/0"\n'
 def test_roles_with_a_scheduler_refuse_processes(tmp_path, capsys, role):
     path = _write(tmp_path, f"[server]\nprocesses = 2\n{SHARED_AC}")
     config = load_config(path)
-    with pytest.raises(ConfigError, match="need scheduler state shared between them"):
+    with pytest.raises(ConfigError, match="server.processes = 2"):
         check_processes_role(config, role)
     check_processes_role(config, "storage")
     assert main([role, "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"server.processes = 2: the {role!r} role runs a scheduler" in err
+    assert "server.processes = 2" in err
+    assert ("type = 'redis'" in err) if role == "scheduler" else ("local worker" in err)
+
+
+def test_a_scheduler_on_redis_state_may_run_several_processes(tmp_path):
+    path = _write(
+        tmp_path,
+        f'[server]\nprocesses = 2\n{SHARED_AC}'
+        '[scheduler.state]\ntype = "redis"\nurl = "redis://127.0.0.1:1/0"\n',
+    )
+    config = load_config(path)
+    check_processes_role(config, "scheduler")
+    with pytest.raises(ConfigError, match="local worker"):
+        check_processes_role(config, "serve")
 
 
 def test_processes_default_and_storage_config(tmp_path):

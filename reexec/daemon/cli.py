@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         main_fn = partial(
             run_daemon, config, local_worker=args.command == "serve", config_path=args.config
         )
+        if args.command == "scheduler":
+            # Several processes only with shared state (check_processes_role said so above).
+            own_argv = sys.argv[1:] if argv is None else argv
+            main_fn = _supervised(config, main_fn, own_argv, args.config)
     try:
         trio.run(main_fn)
     except BaseException as e:

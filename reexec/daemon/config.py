@@ -278,15 +278,23 @@ def _store_nodes(prefix: str, node: Any) -> list[tuple[str, Any]]:
 
 
 def check_processes_role(config: Config, role: str) -> None:
-    """Several processes only for roles without a scheduler: a scheduler keeps its operations,
-    queues and workers in its own process's memory."""
+    """Several processes only where they can share everything: roles without a scheduler, and
+    `reexecd scheduler` with its state on Redis (each process then dispatches to the workers
+    connected to it, from the shared queues). `reexecd serve` never: each process would run a
+    local worker of its own."""
     n = config.server.processes
-    if n > 1 and role in ("serve", "scheduler"):
+    if n <= 1:
+        return
+    if role == "serve":
         raise ConfigError(
-            f"server.processes = {n}: the {role!r} role runs a scheduler, and several "
-            "processes need scheduler state shared between them (operations, queues, workers), "
-            "which they do not have yet; use processes = 1 here, and run the CAS and action "
-            "cache on `reexecd storage` nodes with processes > 1"
+            f"server.processes = {n}: `reexecd serve` runs one local worker per process; use "
+            "`reexecd scheduler` with [scheduler.state] type = 'redis' and separate workers"
+        )
+    if role == "scheduler" and config.scheduler.state.type != "redis":
+        raise ConfigError(
+            f"server.processes = {n}: the scheduler role needs its operations, queues and "
+            "workers shared between the processes: set [scheduler.state] type = 'redis' "
+            "(with its url), or use processes = 1"
         )
 
 
