@@ -216,7 +216,7 @@ SHARED_AC = '[action_cache]\ntype = "redis"\nurl = "redis://127.0.0.1:6379/0"\n'
 def test_roles_with_a_scheduler_refuse_processes(tmp_path, capsys, role):
     path = _write(tmp_path, f"[server]\nprocesses = 2\n{SHARED_AC}")
     config = load_config(path)
-    with pytest.raises(ConfigError, match="server.processes = 2"):
+    with pytest.raises(ConfigError, match=r"server\.processes = 2"):
         check_processes_role(config, role)
     check_processes_role(config, "storage")
     assert main([role, "--config", str(path)]) == 2
@@ -228,7 +228,7 @@ def test_roles_with_a_scheduler_refuse_processes(tmp_path, capsys, role):
 def test_a_scheduler_on_redis_state_may_run_several_processes(tmp_path):
     path = _write(
         tmp_path,
-        f'[server]\nprocesses = 2\n{SHARED_AC}'
+        f"[server]\nprocesses = 2\n{SHARED_AC}"
         '[scheduler.state]\ntype = "redis"\nurl = "redis://127.0.0.1:1/0"\n',
     )
     config = load_config(path)
