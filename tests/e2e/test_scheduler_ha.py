@@ -82,12 +82,19 @@ class Cluster:
         proc.start()
         return proc
 
-    def scheduler(self, name: str, *, port: int | None = None, extra: str = "") -> ReexecdProcess:
+    def scheduler(
+        self, name: str, *, port: int | None = None, extra: str = "", action_cache: str = ""
+    ) -> ReexecdProcess:
         storage = self.storage.address
+        action_cache = (
+            action_cache or f'[action_cache]\ntype = "grpc"\nurl = "{storage}"\ntimeout_s = 20\n'
+        )
         body = (
             f'[cas]\ntype = "grpc"\nurl = "{storage}"\ntimeout_s = 20\n'
-            f'[action_cache]\ntype = "grpc"\nurl = "{storage}"\ntimeout_s = 20\n'
-            "[scheduler]\nworker_timeout_s = 5\n" + extra + "[scheduler.state]\n"
+            + action_cache
+            + "[scheduler]\nworker_timeout_s = 5\n"
+            + extra
+            + "[scheduler.state]\n"
             f'type = "redis"\nurl = "{self.redis_url}"\nkey_prefix = "ha:"\n'
             "timeout_s = 2\nworker_lease_s = 15\n"
         )
@@ -607,3 +614,59 @@ def test_scheduler_restart_in_the_middle_of_a_bazel_build(
         ]
         assert len(completed) == SLOW_ACTIONS + 1, completed
         assert all("attempts=1" in ln for ln in completed), completed
+
+
+# -- 5. A scheduler dies during an operation's cache check ----------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an operation left in CACHE_CHECK by a scheduler that died (or lost Redis) during "
+    "its cache check is never moved on by any scheduler: its clients wait forever "
+    "(/work/notes/ha-bugs.md, bug 1)",
+)
+async def test_scheduler_killed_during_the_cache_check(aio_loop, cluster: Cluster, nursery) -> None:
+    """The schedulers' action cache is a Redis of its own, hung (SIGSTOP) so that A's cache
+    check of a new operation waits; A is SIGKILLed then, with the record in CACHE_CHECK.
+    The client comes back on B by name: B (or the shared state) must move the operation on
+    (check the cache again, or queue it), and the worker, now on B, runs it."""
+    ac_dir = Path(tempfile.mkdtemp(prefix="reexec-redis-"))
+    ac_redis = RedisServer(ac_dir)
+    ac_redis.start()
+    try:
+        ac = (
+            '[action_cache]\ntype = "redis"\n'
+            f'url = "{ac_redis.url}"\nkey_prefix = "ac-ha:"\ntimeout_s = 2\n'
+        )
+        a = cluster.scheduler("a", action_cache=ac)
+        b = cluster.scheduler("b", action_cache=ac)
+        w = cluster.worker([a, b])
+        await wait_log(w, f"connected to the scheduler {a.address}")
+        on_a, on_b = await open_channel(a.port), await open_channel(b.port)
+        try:
+            digest = await upload_action(on_a, ["sh", "-c", "echo checked"])
+            ac_redis.pause()
+            first = execute(on_a, digest)  # the cache is looked up
+            nursery.start_soon(first.run)
+            await wait_for(lambda: first.operations, 10)
+            assert first.stages == [Stage.CACHE_CHECK]
+            name = first.operations[0].name
+            a.stop(signal.SIGKILL)
+            ac_redis.resume()
+            await wait_log(w, f"connected to the scheduler {b.address}", 15)
+            back = wait_execution(on_b, name)
+            nursery.start_soon(back.run)
+            with trio.move_on_after(12):
+                await back.finished.wait()
+            back.cancel_scope.cancel()
+            assert back.completed, f"stages seen on B: {back.stages} (1 = CACHE_CHECK)"
+            assert back.error is None, back.error
+            resp = response_of(back.completed[0])
+            assert resp.result.exit_code == 0
+            assert await read_blob(on_b, resp.result.stdout_digest) == b"checked\n"
+        finally:
+            on_a.close()
+            on_b.close()
+    finally:
+        ac_redis.close()
+        shutil.rmtree(ac_dir, ignore_errors=True)
