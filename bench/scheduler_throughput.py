@@ -74,7 +74,6 @@ type = "memory"
 
 
 def serve_instrumented(out_path: str, argv: list[str]) -> int:
-    import trio
     import trio_asyncio  # noqa: F401  (before grpclib, as reexec.daemon.cli does)
 
     from reexec.daemon.cli import main
@@ -87,15 +86,15 @@ def serve_instrumented(out_path: str, argv: list[str]) -> int:
     orig_apply = sched_mod.Scheduler.apply
     orig_start = ws.WorkerService._start_message
 
-    def apply(self, name, event):  # type: ignore[no-untyped-def]
-        new = orig_apply(self, name, event)
+    async def apply(self, name, event):  # type: ignore[no-untyped-def]
+        new = await orig_apply(self, name, event)  # async since the state store (issue 11)
         if new is not None and type(event) is Dispatched:
             dispatch.append(new.dispatched_at - new.queued_at)
         return new
 
     async def start_message(self, op):  # type: ignore[no-untyped-def]
         msg = await orig_start(self, op)
-        built.append(trio.current_time() - op.queued_at)
+        built.append(self.scheduler.now() - op.queued_at)  # records carry wall-clock times
         return msg
 
     sched_mod.Scheduler.apply = apply  # type: ignore[method-assign]
