@@ -101,6 +101,7 @@ def serve_instrumented(out_path: str, argv: list[str]) -> int:
     from reexec.sched import scheduler as sched_mod
     from reexec.sched.state import Dispatched
 
+    apply_prototypes(os.environ.get("BENCH_STATE_PATCHES", ""))  # before the wrappers below
     dispatch: list[float] = []
     applies: Counter[str] = Counter()
     calls: Counter[str] = Counter()
@@ -153,6 +154,69 @@ def serve_instrumented(out_path: str, argv: list[str]) -> int:
         return main(argv)
     finally:
         dump()
+
+
+def _patch_source(cls: type, method: str, old: str, new: str) -> None:
+    """Replace `method` of `cls` by its own source with `old` replaced by `new` (prototype)."""
+    import inspect
+    import sys as _sys
+    import textwrap
+
+    src = inspect.getsource(getattr(cls, method))
+    if old not in src:
+        raise RuntimeError(f"prototype patch of {cls.__name__}.{method} no longer applies")
+    src = textwrap.dedent(src.replace(old, new))
+    namespace = dict(vars(_sys.modules[cls.__module__]))
+    exec(compile(src, f"<prototype {method}>", "exec"), namespace)
+    setattr(cls, method, namespace[method])
+
+
+def apply_prototypes(names: str) -> None:
+    """Prototype changes to reexec, for measuring proposals; not production code.
+
+    guess:    Scheduler.apply first tries the compare-and-set against the record this process
+              last wrote or read (`_recent`), reading the store only when that fails;
+    sender:   WorkerService._sender takes the dispatched record from `_recent` (no re-read);
+    finished: WorkerService._finished takes the record from `_recent` (no extra read)."""
+    from reexec.sched import scheduler as sched_mod
+    from reexec.sched import worker_service as ws
+
+    for name in filter(None, names.split(",")):
+        if name == "guess":
+            _patch_source(
+                sched_mod.Scheduler,
+                "apply",
+                "        for _ in range(MAX_CAS_ATTEMPTS):\n"
+                "            old = await self.store.get(name)\n",
+                "        guess = self._recent.get(name)\n"
+                "        for _ in range(MAX_CAS_ATTEMPTS):\n"
+                "            if guess is not None:\n"
+                "                old, guess = guess, None\n"
+                "                try:\n"
+                "                    new = transition(old, event)\n"
+                "                except StaleEvent:\n"
+                "                    continue\n"
+                "                if await self.store.compare_and_set(old, new):\n"
+                "                    break\n"
+                "                continue\n"
+                "            old = await self.store.get(name)\n",
+            )
+        elif name == "sender":
+            _patch_source(
+                ws.WorkerService,
+                "_sender",
+                "op = await self.scheduler.store.get(name)",
+                "op = self.scheduler._recent.get(name) or await self.scheduler.store.get(name)",
+            )
+        elif name == "finished":
+            _patch_source(
+                ws.WorkerService,
+                "_finished",
+                "op = await self.scheduler.store.get(name)",
+                "op = self.scheduler._recent.get(name) or await self.scheduler.store.get(name)",
+            )
+        else:
+            raise ValueError(f"unknown prototype {name!r}")
 
 
 def redis_floor(url: str, seconds: float) -> None:
@@ -515,6 +579,9 @@ async def run_config(
 
 async def bench(args: argparse.Namespace) -> None:
     banner("scheduler state store: Execute -> COMPLETED, memory vs Redis, 1 and 2 schedulers")
+    if args.patches:
+        os.environ["BENCH_STATE_PATCHES"] = args.patches
+        print(f"PROTOTYPE PATCHES in the schedulers: {args.patches} (not the committed code)")
     print(
         f"{args.actions:,} distinct do_not_cache actions per configuration, {args.concurrency} "
         f"callers over {args.channels} channels, {args.workers} fake workers x {args.slots} "
@@ -645,6 +712,11 @@ def main() -> None:
     p.add_argument("--floor-seconds", type=float, default=2.0)
     p.add_argument("--light-actions", type=int, default=200)
     p.add_argument("--configs", default="memory-fs,memory,redis1,redis2")
+    p.add_argument(
+        "--patches",
+        default="",
+        help="prototype changes in the schedulers: guess,sender,finished (see apply_prototypes)",
+    )
     p.add_argument("--py-spy", default="", help="config label whose scheduler 0 py-spy records")
     p.add_argument("--py-spy-out", default="/tmp/reexec-bench-state.pyspy.txt")
     asyncio.run(bench(p.parse_args()))
