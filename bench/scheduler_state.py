@@ -33,6 +33,9 @@ the scheduler's own filesystem CAS (blobs uploaded to it), no storage node in th
 
 Usage: .venv/bin/python bench/scheduler_state.py [--actions 2000] [--configs memory-fs,memory,redis1,redis2]
        [--py-spy redis1]   # also record the (first) scheduler of that config with py-spy
+       [--patches guess,sender,finished]   # prototype changes in the schedulers (see
+                                           # apply_prototypes); results say which were on
+       .venv/bin/python bench/scheduler_state.py --py-spy-summary FILE   # summarise a recording
 """
 
 from __future__ import annotations
