@@ -83,7 +83,13 @@ class Cluster:
         return proc
 
     def scheduler(
-        self, name: str, *, port: int | None = None, extra: str = "", action_cache: str = ""
+        self,
+        name: str,
+        *,
+        port: int | None = None,
+        extra: str = "",
+        action_cache: str = "",
+        lease_s: float = 15,
     ) -> ReexecdProcess:
         storage = self.storage.address
         action_cache = (
@@ -96,34 +102,41 @@ class Cluster:
             + extra
             + "[scheduler.state]\n"
             f'type = "redis"\nurl = "{self.redis_url}"\nkey_prefix = "ha:"\n'
-            "timeout_s = 2\nworker_lease_s = 15\n"
+            f"timeout_s = 2\nworker_lease_s = {lease_s}\n"
         )
         return self._daemon(name, "scheduler", body, port=port)
 
     def worker(
-        self, schedulers: list[ReexecdProcess], *, slots: int = 2, cas_direct: bool = False
+        self,
+        schedulers: list[ReexecdProcess],
+        *,
+        slots: int = 2,
+        cas_direct: bool = False,
+        worker_id: str = "w1",
     ) -> ReexecdProcess:
         """Without `cas_direct` the worker's CAS calls go to the scheduler it is connected to
         (the default); with it, straight to the storage node (`[worker.cas]`)."""
         urls = ", ".join(f'"{s.address}"' for s in schedulers)
-        cfg = self.tmp / "w.toml"
+        name = "w" if worker_id == "w1" else worker_id
+        cfg = self.tmp / f"{name}.toml"
         cas = (
             f'[worker.cas]\ntype = "grpc"\nurl = "{self.storage.address}"\ntimeout_s = 20\n'
             if cas_direct
             else ""
         )
         cfg.write_text(
-            f'[worker]\nscheduler = [{urls}]\nworker_id = "w1"\nmax_inflight_tasks = {slots}\n'
+            f'[worker]\nscheduler = [{urls}]\nworker_id = "{worker_id}"\n'
+            f"max_inflight_tasks = {slots}\n"
             'drain_timeout_s = 10\n[worker.sandbox]\nconfinement = "off"\n' + cas
         )
-        data = self.tmp / "w"
+        data = self.tmp / name
         proc = ReexecdProcess(
             data,
             args=["worker", "--config", str(cfg), "--data-dir", str(data)],
-            log_dir=self.tmp / "w-log",
+            log_dir=self.tmp / f"{name}-log",
             wait_ready=False,
         )
-        self.procs["w"] = proc
+        self.procs[name] = proc
         proc.start()
         return proc
 
@@ -283,10 +296,12 @@ def stage_of(op: Any) -> int:
     return meta.stage
 
 
-# -- 1. Execute on A, WaitExecution and GetOperation on B -------------------------------------
+# -- 1. Execute on A; WaitExecution, GetOperation, Execute and CancelOperation on B ------
 
 
-async def test_execute_on_a_wait_and_get_on_b(aio_loop, cluster: Cluster, nursery) -> None:
+async def test_two_schedulers_share_operations(aio_loop, cluster: Cluster, nursery) -> None:
+    """Any scheduler serves any client request: an operation submitted on A is watched,
+    read and cancelled on B; one submitted on B runs on the worker connected to A."""
     a = cluster.scheduler("a")
     b = cluster.scheduler("b")
     w = cluster.worker([a, b])
@@ -332,6 +347,37 @@ async def test_execute_on_a_wait_and_get_on_b(aio_loop, cluster: Cluster, nurser
         with trio.fail_after(10):
             await missing.run()
         assert isinstance(missing.error, GRPCError) and missing.error.status is Status.NOT_FOUND
+        # CancelOperation on B for an operation executing on A's worker: A learns it from
+        # the change message and cancels the attempt on its worker; the client waiting on A
+        # gets it completed as CANCELLED, and the action's process is gone.
+        marker = cluster.traces / "started"
+        digest = await upload_action(
+            on_a, ["sh", "-c", f"echo $$ > {marker}; sleep 60; echo never"]
+        )
+        running = execute(on_a, digest, skip_cache_lookup=True)
+        nursery.start_soon(running.run)
+        await wait_for(lambda: marker.exists() and marker.read_text().strip(), 20)
+        name = running.operations[0].name
+        request = fastpb.message_class("google.longrunning.CancelOperationRequest")(name=name)
+
+        async def cancel() -> None:
+            async with on_b.request(
+                "/google.longrunning.Operations/CancelOperation",
+                Cardinality.UNARY_UNARY,
+                type(request),
+                fastpb.message_class("google.protobuf.Empty"),
+            ) as stream:
+                await stream.send_message(request, end=True)
+                await stream.recv_message()
+
+        await trio_asyncio.aio_as_trio(cancel)()
+        await wait_for(lambda: running.finished.is_set(), 15)
+        assert running.error is None, running.error
+        resp = response_of(running.completed[0])
+        assert resp.status.code == Status.CANCELLED.value, resp.status
+        await wait_log(w, f"cancelling {name}", 10)
+        pid = int(marker.read_text())
+        await wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15)
     finally:
         on_a.close()
         on_b.close()
@@ -668,7 +714,7 @@ async def test_scheduler_killed_during_the_cache_check(aio_loop, cluster: Cluste
             await wait_log(w, f"connected to the scheduler {b.address}", 15)
             back = wait_execution(on_b, name)
             nursery.start_soon(back.run)
-            with trio.move_on_after(12):
+            with trio.move_on_after(8):
                 await back.finished.wait()
             back.cancel_scope.cancel()
             assert back.completed, f"stages seen on B: {back.stages} (1 = CACHE_CHECK)"
@@ -684,46 +730,45 @@ async def test_scheduler_killed_during_the_cache_check(aio_loop, cluster: Cluste
         shutil.rmtree(ac_dir, ignore_errors=True)
 
 
-async def test_cancel_on_b_stops_the_action_on_a_s_worker(
+# -- 6. A scheduler and its worker lost together: the lease expires -------------------------
+
+
+async def test_scheduler_and_worker_lost_lease_expires_attempt_requeued(
     aio_loop, cluster: Cluster, nursery
 ) -> None:
-    """CancelOperation on B for an operation executing on A's worker: A learns it from the
-    change message and cancels the attempt on its worker; the client waiting on A gets the
-    operation completed as CANCELLED, and the action's process is gone."""
-    a = cluster.scheduler("a")
-    b = cluster.scheduler("b")
-    w = cluster.worker([a, b])
-    await wait_log(w, f"connected to the scheduler {a.address}")
-    marker = cluster.traces / "started"
+    """A and its only worker die together (SIGKILL both: a host lost). The operation stays
+    EXECUTING on the dead worker until its lease (3 s here) expires; then B requeues it and
+    B's own worker runs it; the client, back on B by name, gets the result of the second
+    attempt."""
+    a = cluster.scheduler("a", lease_s=3)
+    b = cluster.scheduler("b", lease_s=3)
+    w1 = cluster.worker([a], worker_id="w1")
+    await wait_log(w1, f"connected to the scheduler {a.address}")
+    runs = cluster.traces / "runs"
     on_a, on_b = await open_channel(a.port), await open_channel(b.port)
     try:
-        digest = await upload_action(
-            on_a, ["sh", "-c", f"echo $$ > {marker}; sleep 60; echo never"]
-        )
-        running = execute(on_a, digest, skip_cache_lookup=True)
-        nursery.start_soon(running.run)
-        await wait_for(lambda: marker.exists() and marker.read_text().strip(), 20)
-        name = running.operations[0].name
-        request = fastpb.message_class("google.longrunning.CancelOperationRequest")(name=name)
-
-        async def cancel() -> None:
-            async with on_b.request(
-                "/google.longrunning.Operations/CancelOperation",
-                Cardinality.UNARY_UNARY,
-                type(request),
-                fastpb.message_class("google.protobuf.Empty"),
-            ) as stream:
-                await stream.send_message(request, end=True)
-                await stream.recv_message()
-
-        await trio_asyncio.aio_as_trio(cancel)()
-        await wait_for(lambda: running.finished.is_set(), 15)
-        assert running.error is None, running.error
-        resp = response_of(running.completed[0])
-        assert resp.status.code == Status.CANCELLED.value, resp.status
-        await wait_log(w, f"cancelling {name}", 10)
-        pid = int(marker.read_text())
-        await wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15)
+        digest = await upload_action(on_a, ["sh", "-c", f"echo run >> {runs}; sleep 2; echo ok"])
+        first = execute(on_a, digest, skip_cache_lookup=True)
+        nursery.start_soon(first.run)
+        await wait_for(lambda: runs.exists(), 20)
+        name = first.operations[0].name
+        w1.stop(signal.SIGKILL)
+        a.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+        w2 = cluster.worker([b], worker_id="w2")
+        await wait_log(w2, f"connected to the scheduler {b.address}")
+        completed = await wait_until_done(on_b, name, 30)
+        assert len(completed) == 1
+        resp = response_of(completed[0])
+        assert resp.status.code == 0 and resp.result.exit_code == 0
+        assert resp.result.execution_metadata.worker == "w2"
+        assert await read_blob(on_b, resp.result.stdout_digest) == b"ok\n"
+        assert runs.read_text() == "run\nrun\n"
+        assert time.monotonic() - killed_at >= 2.5  # not before the lease ran out
+        log = b.log_text()
+        assert "lease expired" in log, log[-3000:]
+        completed_lines = [ln for ln in log.splitlines() if "operation completed" in ln]
+        assert len(completed_lines) == 1 and "attempts=2" in completed_lines[0], completed_lines
     finally:
         on_a.close()
         on_b.close()
