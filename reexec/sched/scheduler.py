@@ -238,6 +238,11 @@ class Scheduler:
             self._wake.set()
         if not change.name:
             return
+        known = self._recent.get(change.name)
+        if known is not None and change.version <= known.version:
+            # Older than what we wrote or read ourselves: messages from other schedulers
+            # arrive late (our dispatch may already be past a requeue they announce).
+            return
         for worker in self.workers.values():
             for name, attempt in worker.running:
                 if name != change.name:
@@ -410,7 +415,9 @@ class Scheduler:
 
     def _send_cancel(self, name: str, worker_id: str, attempt: int) -> None:
         worker = self.workers.get(worker_id)
-        if worker is not None and (name, attempt) in worker.running:
+        key = (name, attempt)
+        if worker is not None and key in worker.running and key not in worker.cancelled:
+            worker.cancelled.add(key)
             try:
                 worker.outbox.send_nowait(("cancel", name, attempt))  # type: ignore[attr-defined]
             except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -543,6 +550,7 @@ class Scheduler:
             log.info("worker left after draining", extra={"worker": worker.worker_id})
         running = sorted(worker.running)
         worker.running.clear()
+        worker.cancelled.clear()
         if self.shared and not silent:
             await self.store.put_leases(
                 [
@@ -630,11 +638,13 @@ class Scheduler:
     def release(self, worker: WorkerState, name: str, attempt: int) -> None:
         """Free the slot of an attempt the worker will never report on."""
         worker.running.discard((name, attempt))
+        worker.cancelled.discard((name, attempt))
         self._wake.set()
 
     def _release(self, worker: WorkerState, name: str, attempt: int) -> None:
         self.worker_seen(worker)
         worker.running.discard((name, attempt))
+        worker.cancelled.discard((name, attempt))
         self._wake.set()
 
     # -- timers -----------------------------------------------------------------------------------
@@ -673,10 +683,11 @@ class Scheduler:
                         )
         if s.client_action_timeout_s > 0:
             for name in await self.store.unwatched_before(now - s.client_action_timeout_s):
-                self.stats.cancelled_unwatched += 1
-                await self.apply(
+                cancelled = await self.apply(
                     name, Cancel(now, f"no client waited for {s.client_action_timeout_s:g}s")
                 )
+                # Another scheduler may have cancelled it first: counted once, by the winner.
+                self.stats.cancelled_unwatched += cancelled is not None
         for name in await self.store.completed_before(now - s.retain_completed_for_s):
             op = await self.store.get(name)
             if op is not None and op.done:

@@ -112,8 +112,12 @@ racing_steps = st.one_of(
     cancel,
 )  # fmt: skip
 race = st.tuples(st.just("race"), racing_steps, racing_steps)
+# The same step on both schedulers at once: both read one record, one write must lose.
+race_same = st.one_of(attach, cancel, dispatch).map(lambda step: ("race", step, step))
 # (scheduler index, step): the index is taken modulo the number of schedulers.
-steps = st.tuples(st.integers(0, 1), st.one_of(plain_steps, plain_steps, plain_steps, race))
+steps = st.tuples(
+    st.integers(0, 1), st.one_of(plain_steps, plain_steps, plain_steps, race, race_same)
+)
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -304,7 +308,8 @@ class Model:
             if got is not None:
                 conn, (name, attempt) = got
                 conn.assigned.remove((name, attempt))
-                if racing:
+                if racing or len(self.ss) > 1:
+                    # Another scheduler's change may make ours cancel it meanwhile.
                     conn.crossed.add((name, attempt))
                 op = await self.store.get(name)
                 current = (
@@ -333,7 +338,8 @@ class Model:
             if got is not None:
                 conn, (name, attempt) = got
                 conn.assigned.remove((name, attempt))
-                if racing:
+                if racing or len(self.ss) > 1:
+                    # Another scheduler's change may make ours cancel it meanwhile.
                     conn.crossed.add((name, attempt))
                 before = await self.store.get(name)
                 await conn.sched.declined(conn.state, name, attempt, "not today")
@@ -368,14 +374,13 @@ class Model:
         elif kind == "attach":
             name = self.pick(self.names, step[1])
             if name is not None:
-                handle = Handle(name)
-                # Counted as open before the attach can finish: a racing check sees it.
-                self.handles.append(handle)
                 op = await s.attach(name)
                 if not racing:
                     assert (op is None) == (name not in await self.all_ops())
-                if op is None:
-                    self.handles.remove(handle)
+                if op is not None:
+                    # Only now may a (racing) detach pick it: a client cannot leave an
+                    # operation before it joined it.
+                    self.handles.append(Handle(name))
         elif kind == "cancel":
             name = self.pick(self.names, step[1])
             if name is not None:
