@@ -172,19 +172,31 @@ class Scheduler:
 
         A real compare-and-set: when the record changed between our read and our write, read
         it again and apply the event to what is there now (it may have become stale)."""
+        # With a shared store, first try the record as this process last wrote or read it
+        # (saves a round trip when no one else wrote it since, the common case); a stale
+        # copy only costs a failed compare-and-set, and nothing is concluded from it.
+        cached = self._recent.get(name) if self.store.shared else None
         for _ in range(MAX_CAS_ATTEMPTS):
-            old = await self.store.get(name)
-            if old is None:
-                self._recent.pop(name, None)
-                return None
+            if cached is not None:
+                old, cached, fresh = cached, None, False
+            else:
+                fresh = True
+                got = await self.store.get(name)
+                if got is None:
+                    self._recent.pop(name, None)
+                    return None
+                old = got
             try:
                 new = transition(old, event)
             except StaleEvent as e:
+                if not fresh:
+                    continue
                 log.debug("stale event: %s", e)
                 self._remember(old)
                 return None
             if await self.store.compare_and_set(old, new):
                 break
+            # Lost to another writer (since our read, or since our cached copy).
             self.stats.conflicts += 1
             CAS_CONFLICTS.inc()
         else:

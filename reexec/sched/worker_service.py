@@ -263,7 +263,9 @@ class WorkerService(Service):
                 msg.cancel_execute.attempt = attempt
                 await aio(stream.send_message, msg)
                 continue
-            op = await self.scheduler.store.get(name)
+            # As this scheduler last saw it (it dispatched it a moment ago); a cancel written
+            # by another scheduler since reaches the worker as a cancel right after.
+            op = self.scheduler.peek(name) or await self.scheduler.store.get(name)
             if op is None or op.stage is not Stage.EXECUTING or op.attempt != attempt:
                 # Cancelled or requeued before it was sent: the worker will never report this
                 # attempt, so its slot is freed here.
