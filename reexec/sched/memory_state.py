@@ -40,6 +40,7 @@ class MemoryStateStore:
         self._unwatched: dict[str, float] = {}
         self._completed: list[tuple[float, str]] = []  # heap; stale entries skipped
         self._executing: dict[str, str] = {}
+        self._checking: dict[str, float] = {}
         self._leases: dict[str, WorkerLease] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -91,6 +92,7 @@ class MemoryStateStore:
         self._queues.discard(op.name)
         self._unwatched.pop(op.name, None)
         self._executing.pop(op.name, None)
+        self._checking.pop(op.name, None)
         self._notify(op.name)
         return True
 
@@ -114,6 +116,10 @@ class MemoryStateStore:
             self._executing.pop(name, None)
         if ix.executing_worker is not None:
             self._executing[name] = ix.executing_worker
+        if ix.checking_clear:
+            self._checking.pop(name, None)
+        if ix.checking_since is not None:
+            self._checking[name] = ix.checking_since
 
     def _notify(self, name: str) -> None:
         event = self._changed.pop(name, None)
@@ -203,6 +209,9 @@ class MemoryStateStore:
             if op is not None and op.done:
                 out.append(name)
         return out
+
+    async def checking_before(self, t: float) -> list[str]:
+        return [name for name, since in self._checking.items() if since < t]
 
     async def executing(self) -> dict[str, str]:
         return dict(self._executing)

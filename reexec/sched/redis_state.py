@@ -10,6 +10,7 @@ Keys (all under `key_prefix`):
     unwatched          sorted set name -> since (no client waits)
     completed          sorted set name -> completed_at (retention)
     executing          hash name -> worker id
+    checking           sorted set name -> created_at (in CACHE_CHECK)
     workers            hash worker id -> msgpack lease; worker_owner: worker id -> scheduler id
     changes            pub/sub channel: msgpack (name, version, stage, worker, attempt, origin)
 
@@ -86,6 +87,8 @@ if ARGV[13] ~= '' then redis.call('ZADD', KEYS[4], ARGV[13], name) end
 if ARGV[15] ~= '' then redis.call('ZADD', KEYS[6], ARGV[15], name) end
 if ARGV[17] == '1' then redis.call('HDEL', KEYS[5], name) end
 if ARGV[16] ~= '' then redis.call('HSET', KEYS[5], name, ARGV[16]) end
+if ARGV[24] == '1' then redis.call('ZREM', KEYS[10], name) end
+if ARGV[23] ~= '' then redis.call('ZADD', KEYS[10], ARGV[23], name) end
 if ARGV[20] ~= ARGV[21] then
   if ARGV[20] ~= '' then redis.call('HINCRBY', KEYS[3], 'stage:' .. ARGV[20], -1) end
   redis.call('HINCRBY', KEYS[3], 'stage:' .. ARGV[21], 1)
@@ -107,6 +110,7 @@ if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[3], 'live', -1) end
 redis.call('ZREM', KEYS[4], name)
 redis.call('ZREM', KEYS[6], name)
 redis.call('HDEL', KEYS[5], name)
+redis.call('ZREM', KEYS[8], name)
 redis.call('HINCRBY', KEYS[3], 'stage:' .. ARGV[8], -1)
 redis.call('PUBLISH', ARGV[7], ARGV[6])
 return 1
@@ -193,6 +197,7 @@ class RedisStateStore:
         self._k_unwatched = p + "unwatched"
         self._k_completed = p + "completed"
         self._k_executing = p + "executing"
+        self._k_checking = p + "checking"
         self._k_workers = p + "workers"
         self._k_owner = p + "worker_owner"
         self._channel = p + "changes"
@@ -352,6 +357,7 @@ class RedisStateStore:
             self._k_queues,
             qrem_key or self._k_queues + ":none",
             qadd_key or self._k_queues + ":none",
+            self._k_checking,
         ]
         args = [
             "create" if old is None else "cas",
@@ -378,6 +384,8 @@ class RedisStateStore:
             # Identifies this write: two writers can produce byte-identical records (the same
             # event at the same clock reading), and only our own retry may count as done.
             uuid.uuid4().hex,
+            "" if ix.checking_since is None else repr(ix.checking_since),
+            "1" if ix.checking_clear else "0",
         ]
         with self._call("write"):
             done = await self._write(keys=keys, args=args)
@@ -396,6 +404,7 @@ class RedisStateStore:
             self._k_executing,
             self._k_completed,
             qkey or self._k_queues + ":none",
+            self._k_checking,
         ]
         args = [
             str(op.version),
@@ -512,6 +521,13 @@ class RedisStateStore:
         with self._call("zrange"):
             names = await self._client.zrange(
                 self._k_completed, "-inf", _below(t), sortby=PureToken.BYSCORE, offset=0, count=1000
+            )
+        return [_text(n) for n in names]
+
+    async def checking_before(self, t: float) -> list[str]:
+        with self._call("zrange"):
+            names = await self._client.zrange(
+                self._k_checking, "-inf", _below(t), sortby=PureToken.BYSCORE, offset=0, count=1000
             )
         return [_text(n) for n in names]
 

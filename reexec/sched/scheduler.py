@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 # record is being rewritten faster than we can read it, which only a bug or a storm causes.
 MAX_CAS_ATTEMPTS = 50
 
+# An operation still in CACHE_CHECK this long after it was created lost its check.
+STUCK_CACHE_CHECK_S = 30.0
+
 # Records this process wrote or read last, for synchronous readers (status); bounded.
 RECENT_RECORDS = 50_000
 
@@ -140,6 +143,8 @@ class Scheduler:
         self._wake = trio.Event()
         self._recent: OrderedDict[str, Operation] = OrderedDict()
         self._lease_checked_at = -math.inf
+        # Cache checks this process runs now (so the stuck-check sweep does not repeat them).
+        self._checking: set[str] = set()
         # Called with (old, new) after every transition this process applied, on the Trio
         # thread; must not block or raise (e.g. the status endpoint's journal).
         self.observers: list[Callable[[Operation, Operation], None]] = []
@@ -353,12 +358,19 @@ class Scheduler:
                 checks.start_soon(self._check_cache_logged, op)
 
     async def _check_cache_logged(self, op: Operation) -> None:
+        self._checking.add(op.name)
         try:
-            await self.check_cache(op)
-        except Unavailable as e:
-            # The record stays in CACHE_CHECK; its clients see UNAVAILABLE on their next read
-            # and retry their Execute, which merges into it or starts anew.
-            log.warning("cache check of %s not recorded: %s", op.name, e.message)
+            delay = 0.1
+            for _ in range(8):  # ~25 s; then the monitor's stuck-check sweep takes over
+                try:
+                    await self.check_cache(op)
+                    return
+                except Unavailable as e:
+                    log.warning("cache check of %s not recorded: %s", op.name, e.message)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            self._checking.discard(op.name)
 
     # -- dispatch ---------------------------------------------------------------------------------
 
@@ -700,6 +712,17 @@ class Scheduler:
                 )
                 # Another scheduler may have cancelled it first: counted once, by the winner.
                 self.stats.cancelled_unwatched += cancelled is not None
+        # A record left in CACHE_CHECK (its check died with the scheduler that ran it, or
+        # could not record its result) is checked again here; several schedulers doing so at
+        # once is harmless: the first CacheChecked wins, the others are stale.
+        for name in await self.store.checking_before(now - STUCK_CACHE_CHECK_S):
+            if name in self._checking:
+                continue
+            op = await self.store.get(name)
+            if op is not None and op.stage is Stage.CACHE_CHECK:
+                log.info("checking the cache again for %s (its check never finished)", name)
+                self._checking.add(name)
+                self._cache_checks_in.send_nowait(op)
         for name in await self.store.completed_before(now - s.retain_completed_for_s):
             op = await self.store.get(name)
             if op is not None and op.done:

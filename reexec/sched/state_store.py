@@ -82,6 +82,8 @@ class IndexChange:
     completed_at: float | None = None
     executing_worker: str | None = None  # set executing[name] = worker
     executing_clear: bool = False
+    checking_since: float | None = None  # entered CACHE_CHECK (a check must finish it)
+    checking_clear: bool = False
 
 
 def index_change(old: Operation | None, new: Operation) -> IndexChange:
@@ -111,6 +113,12 @@ def index_change(old: Operation | None, new: Operation) -> IndexChange:
         if new_exec and (not old_exec or old is None or old.worker_id != new.worker_id)
         else None,
         executing_clear=old_exec and not new_exec,
+        checking_since=new.created_at
+        if new.stage is Stage.CACHE_CHECK and (old is None or old.stage is not Stage.CACHE_CHECK)
+        else None,
+        checking_clear=old is not None
+        and old.stage is Stage.CACHE_CHECK
+        and new.stage is not Stage.CACHE_CHECK,
     )
 
 
@@ -173,6 +181,11 @@ class StateStore(Protocol):
     async def unwatched_before(self, t: float) -> list[str]: ...
 
     async def completed_before(self, t: float) -> list[str]: ...
+
+    async def checking_before(self, t: float) -> list[str]:
+        """Operations in CACHE_CHECK since before `t` (their check may have died with the
+        scheduler that ran it)."""
+        ...
 
     async def executing(self) -> dict[str, str]:
         """name -> worker id of every executing operation."""

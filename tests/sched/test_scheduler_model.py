@@ -472,6 +472,9 @@ class Model:
         assert await store.stage_counts() == dict(
             Counter(op.stage.name for op in in_store.values())
         )
+        assert set(await store.checking_before(math.inf)) == {
+            n for n, op in in_store.items() if op.stage is Stage.CACHE_CHECK
+        }
         unwatched = set(await store.unwatched_before(math.inf))
         for name, op in in_store.items():
             assert op.done == (op.outcome is not None) == (op.stage is Stage.COMPLETED)

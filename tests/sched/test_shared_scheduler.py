@@ -200,3 +200,16 @@ async def test_two_schedulers_never_start_one_attempt_twice(pair: Pair) -> None:
     starts = [m for inbox in inboxes for m in drained(inbox)]
     assert sorted(n for _, n, _ in starts) == sorted(names)  # each exactly once
     assert all(attempt == 1 for _, _, attempt in starts)
+
+
+async def test_a_cache_check_lost_with_its_scheduler_is_run_again(pair: Pair) -> None:
+    # A took the Execute and died before its cache check recorded anything.
+    op, _ = await pair.a.submit(spec("a"))
+    pair.tick(10)
+    await pair.b.check_timers()
+    assert (await pair.b.store.get(op.name)).stage is Stage.CACHE_CHECK  # type: ignore[union-attr]
+    pair.tick(25)  # past STUCK_CACHE_CHECK_S since it was created
+    await pair.b.check_timers()
+    [again] = drained(pair.b._cache_checks_out)  # B queued the check on its own tree
+    await pair.b.check_cache(again)
+    assert (await pair.b.store.get(op.name)).stage is Stage.QUEUED  # type: ignore[union-attr]

@@ -284,3 +284,12 @@ async def test_a_hung_redis_times_out(redis_server: RedisServer, nursery: trio.N
     finally:
         redis_server.resume()
     assert await s.get("op-1") is not None
+
+
+async def test_checking_index_follows_cache_check(store: StateStore) -> None:
+    a = op(created_at=1000.0)
+    await store.create(a, mergeable=False)
+    assert await store.checking_before(1000.5) == ["op-1"]
+    assert await store.checking_before(999.0) == []
+    await store.compare_and_set(a, replace(a, version=1, stage=Stage.QUEUED, queue_seq=1))
+    assert await store.checking_before(math.inf) == []
