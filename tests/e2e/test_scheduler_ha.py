@@ -12,6 +12,7 @@ Clients are grpclib channels from the test (or Bazel 4.2.3 for the restart in a 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import tempfile
@@ -202,11 +203,32 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str 
             await trio.sleep(0.05)
 
 
+async def wait_for_async(
+    read: Callable[[], Any], check: Callable[[Any], Any], timeout: float
+) -> None:
+    """Wait until `check(await read())` holds."""
+    last = None
+    with trio.move_on_after(timeout):
+        while not check(last := await read()):
+            await trio.sleep(0.2)
+        return
+    raise AssertionError(f"not within {timeout:g}s: {last}")
+
+
 async def wait_log(proc: ReexecdProcess, text: str, timeout: float = 30, count: int = 1) -> None:
     try:
         await wait_for(lambda: proc.log_text().count(text) >= count, timeout)
     except trio.TooSlowError:
         raise AssertionError(f"{text!r} not in the log:\n{proc.log_text()[-4000:]}") from None
+
+
+async def status_of(proc: ReexecdProcess) -> dict[str, Any]:
+    """The daemon's /status document (JSON), from its status socket."""
+    code, body = await trio.to_thread.run_sync(
+        request, str(proc.data_dir / "reexecd.sock"), "GET", "/status?format=json"
+    )
+    assert code == 200, body
+    return json.loads(body)
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -342,6 +364,17 @@ async def test_two_schedulers_share_operations(aio_loop, cluster: Cluster, nurse
         assert resp.result.exit_code == 0
         assert await read_blob(on_b, resp.result.stdout_digest) == b"from-b\n"
         assert a.log_text().count("operation dispatched") == 2
+        # B's status shows the shared view: the worker, connected to A.
+        a_id = (await status_of(a))["scheduler"]["state"]["scheduler_id"]
+        await wait_for_async(
+            lambda: status_of(b),
+            lambda doc: (
+                doc
+                and {f["id"]: f["scheduler"] for f in doc["scheduler"]["state"]["fleet"]}
+                == {"w1": a_id}
+            ),
+            10,
+        )
         # A name neither scheduler knows is NOT_FOUND on B too.
         missing = wait_execution(on_b, "no-such-operation")
         with trio.fail_after(10):
@@ -493,6 +526,10 @@ async def test_redis_stopped_while_idle(
         ac = re.ActionCacheStub(channel)
         hit = await call(ac.get_action_result, re.GetActionResultRequest(action_digest=before))
         assert hit.exit_code == 0
+        # The scheduler's status says so (its monitor found the store unavailable).
+        await wait_for_async(
+            lambda: status_of(a), lambda doc: not doc["scheduler"]["state"]["available"], 10
+        )
         # The worker stays connected (its keepalives need no Redis).
         await trio.sleep(1.0)
         assert w.log_text().count("connected to the scheduler") == 1, w.log_text()
@@ -503,6 +540,9 @@ async def test_redis_stopped_while_idle(
         resp = response_of(ex.completed[0])
         assert resp.result.exit_code == 0
         assert await read_blob(channel, resp.result.stdout_digest) == b"during\n"
+        await wait_for_async(
+            lambda: status_of(a), lambda doc: doc["scheduler"]["state"]["available"], 10
+        )
         assert a.returncode is None and w.returncode is None
     finally:
         channel.close()
