@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -91,6 +92,7 @@ class Cluster:
         extra: str = "",
         action_cache: str = "",
         lease_s: float = 15,
+        worker_timeout_s: float = 5,
     ) -> ReexecdProcess:
         storage = self.storage.address
         action_cache = (
@@ -99,7 +101,7 @@ class Cluster:
         body = (
             f'[cas]\ntype = "grpc"\nurl = "{storage}"\ntimeout_s = 20\n'
             + action_cache
-            + "[scheduler]\nworker_timeout_s = 5\n"
+            + f"[scheduler]\nworker_timeout_s = {worker_timeout_s}\n"
             + extra
             + "[scheduler.state]\n"
             f'type = "redis"\nurl = "{self.redis_url}"\nkey_prefix = "ha:"\n'
@@ -114,6 +116,7 @@ class Cluster:
         slots: int = 2,
         cas_direct: bool = False,
         worker_id: str = "w1",
+        extra: str = "",
     ) -> ReexecdProcess:
         """Without `cas_direct` the worker's CAS calls go to the scheduler it is connected to
         (the default); with it, straight to the storage node (`[worker.cas]`)."""
@@ -128,7 +131,7 @@ class Cluster:
         cfg.write_text(
             f'[worker]\nscheduler = [{urls}]\nworker_id = "{worker_id}"\n'
             f"max_inflight_tasks = {slots}\n"
-            'drain_timeout_s = 10\n[worker.sandbox]\nconfinement = "off"\n' + cas
+            "drain_timeout_s = 10\n" + extra + '[worker.sandbox]\nconfinement = "off"\n' + cas
         )
         data = self.tmp / name
         proc = ReexecdProcess(
@@ -809,6 +812,51 @@ async def test_scheduler_and_worker_lost_lease_expires_attempt_requeued(
         assert "lease expired" in log, log[-3000:]
         completed_lines = [ln for ln in log.splitlines() if "operation completed" in ln]
         assert len(completed_lines) == 1 and "attempts=2" in completed_lines[0], completed_lines
+    finally:
+        on_a.close()
+        on_b.close()
+
+
+# -- 7. A scheduler stalls (SIGSTOP): its worker moves on, the stalled one comes back ---------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a scheduler resuming after a stall drops its silent worker and requeues the attempt "
+    "that worker carried to B, so B cancels it and it runs again (/work/notes/ha-bugs.md, bug 7)",
+)
+async def test_stalled_scheduler_resumes_without_requeueing_what_moved(
+    aio_loop, cluster: Cluster, nursery
+) -> None:
+    """A is SIGSTOPped while its worker runs an action; the worker's PINGs go unanswered, so
+    it moves to B with the running attempt (adopted there). A runs again after longer than its
+    worker timeout: finding the worker silent, it must not take back the attempt B now owns.
+    The action runs once and the client, on B, gets its result."""
+    a = cluster.scheduler("a", worker_timeout_s=2)
+    b = cluster.scheduler("b", worker_timeout_s=2)
+    w = cluster.worker([a, b], extra="scheduler_keepalive_s = 0.5\n")
+    await wait_log(w, f"connected to the scheduler {a.address}")
+    runs = cluster.traces / "runs"
+    on_a, on_b = await open_channel(a.port), await open_channel(b.port)
+    try:
+        digest = await upload_action(on_a, ["sh", "-c", f"echo run >> {runs}; sleep 6; echo ok"])
+        first = execute(on_a, digest, skip_cache_lookup=True)
+        nursery.start_soon(first.run)
+        await wait_for(lambda: runs.exists(), 20)
+        name = first.operations[0].name
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            await wait_log(w, f"connected to the scheduler {b.address} as w1 (1 running", 10)
+            await wait_log(b, "worker brought its running attempt along", 5)
+            await trio.sleep(2.5)  # A stopped for longer than its worker_timeout_s
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        first.cancel_scope.cancel()
+        completed = await wait_until_done(on_b, name, 20)
+        resp = response_of(completed[-1])
+        assert resp.status.code == 0 and resp.result.exit_code == 0, resp.status
+        await trio.sleep(0.5)
+        assert runs.read_text() == "run\n", (a.log_text()[-3000:], b.log_text()[-3000:])
     finally:
         on_a.close()
         on_b.close()
