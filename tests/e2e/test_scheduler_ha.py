@@ -860,3 +860,47 @@ async def test_stalled_scheduler_resumes_without_requeueing_what_moved(
     finally:
         on_a.close()
         on_b.close()
+
+
+# -- 8. Two schedulers, a worker each, one burst of actions ---------------------------------
+
+
+async def test_burst_over_two_schedulers_each_action_runs_once(
+    aio_loop, cluster: Cluster, nursery
+) -> None:
+    """24 actions submitted alternately to A and B, one worker on each: both schedulers claim
+    from the shared queue (a compare-and-set), every action runs exactly once, both workers
+    take part, and every client gets its own result."""
+    a = cluster.scheduler("a")
+    b = cluster.scheduler("b")
+    w1 = cluster.worker([a, b], worker_id="w1")
+    w2 = cluster.worker([b, a], worker_id="w2")
+    await wait_log(w1, f"connected to the scheduler {a.address}")
+    await wait_log(w2, f"connected to the scheduler {b.address}")
+    runs = cluster.traces / "runs"
+    on_a, on_b = await open_channel(a.port), await open_channel(b.port)
+    try:
+        calls = []
+        for i in range(24):
+            channel = on_a if i % 2 == 0 else on_b
+            digest = await upload_action(
+                channel, ["sh", "-c", f"echo {i} >> {runs}; sleep 0.2; echo out-{i}"]
+            )
+            ex = execute(channel, digest, skip_cache_lookup=True)
+            nursery.start_soon(ex.run)
+            calls.append(ex)
+        await wait_for(lambda: all(c.finished.is_set() for c in calls), 60)
+        workers = set()
+        for i, c in enumerate(calls):
+            assert c.error is None, (i, c.error)
+            assert len(c.completed) == 1
+            resp = response_of(c.completed[0])
+            assert resp.result.exit_code == 0
+            channel = on_a if i % 2 == 0 else on_b
+            assert await read_blob(channel, resp.result.stdout_digest) == f"out-{i}\n".encode()
+            workers.add(resp.result.execution_metadata.worker)
+        assert sorted(int(x) for x in runs.read_text().split()) == list(range(24))
+        assert workers == {"w1", "w2"}
+    finally:
+        on_a.close()
+        on_b.close()
