@@ -1,10 +1,10 @@
 """A Redis write whose reply is lost: the scheduler sees StateUnavailable (Redis hung past
 `timeout_s`), but Redis applies the write once it runs again. The scheduler must not leave the
 record in a state nobody will move on. Found while writing tests/e2e/test_scheduler_ha.py
-(/work/notes/ha-bugs.md, bugs 1 and 6).
+(/work/notes/ha-bugs.md, bugs 1 (fixed) and 6).
 
 Redis is made to hang (SIGSTOP) right before one chosen write, and resumes after the write's
-timeout; the scheduler's own recovery (dispatcher, timers) then runs for a while of mock time.
+timeout; the scheduler's own recovery (dispatcher, timers) then runs for a minute of mock time.
 """
 
 from __future__ import annotations
@@ -57,18 +57,27 @@ class Setup:
         setattr(self.store, method, wrapped)
         return hit
 
-    async def recover(self, rounds: int = 20) -> None:
-        """What the scheduler's background tasks do for ~20 s once Redis is back."""
+    async def recover(self, rounds: int = 60) -> None:
+        """What the scheduler's background tasks (monitor, dispatcher, cache checks) do for
+        ~60 s of mock time once Redis is back."""
         await trio.sleep(TIMEOUT_S * 4)
         for _ in range(rounds):
             self.clock[0] += 1.0
             for worker in self.sched.workers.values():
                 self.sched.worker_seen(worker)  # the worker keeps sending keepalives
-            for step in (self.sched.check_timers, self.sched.dispatch_ready):
+            for step in (self.sched.check_timers, self._cache_checks, self.sched.dispatch_ready):
                 try:
                     await step()
                 except Unavailable:
                     pass
+
+    async def _cache_checks(self) -> None:
+        while True:
+            try:
+                op = self.sched._cache_checks_out.receive_nowait()
+            except trio.WouldBlock:
+                return
+            await self.sched.check_cache(op)
 
 
 @pytest.fixture
@@ -126,12 +135,10 @@ async def test_dispatch_whose_reply_is_lost(setup: Setup, nursery: trio.Nursery)
     assert starts and starts[-1][1] == op.name, (record.stage, record.worker_id, starts)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a create applied after its reply was lost leaves an operation in CACHE_CHECK that "
-    "no scheduler checks, and a retried Execute merges into it (/work/notes/ha-bugs.md, bug 1)",
-)
 async def test_submit_whose_reply_is_lost(setup: Setup, nursery: trio.Nursery) -> None:
+    """The create is applied after the client saw UNAVAILABLE: an operation in CACHE_CHECK
+    whose check never ran, and the client's retry merges into it. The monitor's sweep of
+    stuck cache checks (STUCK_CACHE_CHECK_S) moves it on."""
     sched = setup.sched
     await sched.submit(spec("warm-up"))  # the write script is loaded (else EVALSHA fails late)
     hit = setup.hang_before(nursery, "create", lambda op, **kw: True)
