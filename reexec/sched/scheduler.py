@@ -575,6 +575,20 @@ class Scheduler:
         running = sorted(worker.running)
         worker.running.clear()
         worker.cancelled.clear()
+        if self.shared:
+            holder = (await self.store.leases()).get(worker.worker_id)
+            if (
+                holder is not None
+                and holder.scheduler_id not in ("", self.store.scheduler_id)
+                and holder.until >= self.now()
+            ):
+                # It registered with another scheduler meanwhile (we stalled, or its stream to
+                # us broke): its attempts went with it. Requeueing them would run them twice.
+                log.info(
+                    "worker moved to another scheduler with its attempts",
+                    extra={"worker": worker.worker_id, "scheduler": holder.scheduler_id},
+                )
+                return
         if self.shared and not silent:
             await self.store.put_leases(
                 [
@@ -628,36 +642,42 @@ class Scheduler:
     async def finished(
         self, worker: WorkerState, name: str, attempt: int, outcome: Outcome, retryable: bool
     ) -> Operation | None:
-        self._release(worker, name, attempt)
-        return await self.apply(
-            name,
-            Finished(
-                worker.worker_id,
-                attempt,
-                self.now(),
-                await self.store.next_seq() if retryable else 0,
-                outcome,
-                retryable=retryable,
-                max_retries=self.settings.max_job_retries,
-            ),
-        )
+        # The slot is freed once the report is recorded (or found stale): until then the
+        # attempt still counts as the worker's, so no check takes it for a lost one.
+        try:
+            return await self.apply(
+                name,
+                Finished(
+                    worker.worker_id,
+                    attempt,
+                    self.now(),
+                    await self.store.next_seq() if retryable else 0,
+                    outcome,
+                    retryable=retryable,
+                    max_retries=self.settings.max_job_retries,
+                ),
+            )
+        finally:
+            self._release(worker, name, attempt)
 
     async def declined(self, worker: WorkerState, name: str, attempt: int, reason: str) -> None:
-        self._release(worker, name, attempt)
         worker.paused_until = self.now() + self.settings.decline_pause_s
-        await self.apply(
-            name,
-            Requeue(
-                worker.worker_id,
-                attempt,
-                self.now(),
-                await self.store.next_seq(),
-                f"declined: {reason}",
-                counts=False,
-                max_retries=self.settings.max_job_retries,
-                max_declines=self.settings.max_declines,
-            ),
-        )
+        try:
+            await self.apply(
+                name,
+                Requeue(
+                    worker.worker_id,
+                    attempt,
+                    self.now(),
+                    await self.store.next_seq(),
+                    f"declined: {reason}",
+                    counts=False,
+                    max_retries=self.settings.max_job_retries,
+                    max_declines=self.settings.max_declines,
+                ),
+            )
+        finally:
+            self._release(worker, name, attempt)
 
     def release(self, worker: WorkerState, name: str, attempt: int) -> None:
         """Free the slot of an attempt the worker will never report on."""
@@ -756,13 +776,30 @@ class Scheduler:
 
     async def _expire_leases(self, now: float) -> None:
         """Requeue what workers without a live lease were running (their scheduler died, or
-        they did not come back within the lease)."""
+        they did not come back within the lease), and what the records assign to one of our
+        workers that it was never given (a dispatch write applied after its reply was lost:
+        Redis answered too late, we gave up, it wrote anyway)."""
         executing = await self.store.executing()
         if not executing:
             return
         leases = await self.store.leases()
+        settled = now - 2 * self.settings.state.timeout_s  # no write of ours is still in flight
         for name, worker_id in executing.items():
-            if worker_id in self.workers:
+            worker = self.workers.get(worker_id)
+            if worker is not None:
+                if any(n == name for n, _ in worker.running):
+                    continue
+                op = await self.store.get(name)
+                if (
+                    op is not None
+                    and op.stage is Stage.EXECUTING
+                    and op.worker_id == worker_id
+                    and op.dispatched_at < settled
+                    and (name, op.attempt) not in worker.running
+                ):
+                    await self._requeue(
+                        op, f"worker {worker_id} was never given this attempt", counts=False
+                    )
                 continue
             lease = leases.get(worker_id)
             if lease is not None and lease.until >= now:

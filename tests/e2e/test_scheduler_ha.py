@@ -10,7 +10,7 @@ Clients are grpclib channels from the test (or Bazel 4.2.3 for the restart in a 
 Actions run unconfined and append a line to a file under the test's directory per run, so
 "ran exactly once" is checked on the host, not inferred from logs. About two minutes in all;
 the cache-check test alone waits out the scheduler's 30 s stuck-check sweep. Bugs these tests
-found, fixed or open (xfail strict), are in /work/notes/ha-bugs.md at the time of writing.
+found were fixed; the tests that showed them stay as regression tests.
 """
 
 from __future__ import annotations
@@ -823,11 +823,6 @@ async def test_scheduler_and_worker_lost_lease_expires_attempt_requeued(
 # -- 7. A scheduler stalls (SIGSTOP): its worker moves on, the stalled one comes back ---------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a scheduler resuming after a stall drops its silent worker and requeues the attempt "
-    "that worker carried to B, so B cancels it and it runs again (/work/notes/ha-bugs.md, bug 7)",
-)
 async def test_stalled_scheduler_resumes_without_requeueing_what_moved(
     aio_loop, cluster: Cluster, nursery
 ) -> None:

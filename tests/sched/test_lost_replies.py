@@ -109,12 +109,6 @@ def drained(inbox: trio.MemoryReceiveChannel) -> list[tuple[str, str, int]]:
             return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Dispatched write applied after its reply was lost leaves the operation EXECUTING "
-    "on a connected worker that was never sent the start; nothing requeues it "
-    "(/work/notes/ha-bugs.md, bug 6)",
-)
 async def test_dispatch_whose_reply_is_lost(setup: Setup, nursery: trio.Nursery) -> None:
     sched = setup.sched
     op, _ = await sched.submit(spec("lost-dispatch"))
