@@ -508,6 +508,18 @@ class Scheduler:
         With shared state, attempts the records assign to this worker that it neither runs
         nor holds a result of (`pending`) are requeued: it lost them (restarted, or its
         result was not recorded), and nobody else will report them."""
+        worker.adopting = True
+        try:
+            return await self._adopt(worker, attempts, pending)
+        finally:
+            worker.adopting = False
+
+    async def _adopt(
+        self,
+        worker: WorkerState,
+        attempts: Sequence[tuple[str, int]],
+        pending: Sequence[str],
+    ) -> list[str]:
         stale = []
         if self.shared:
             known = {name for name, _ in attempts} | set(pending)
@@ -787,7 +799,7 @@ class Scheduler:
         for name, worker_id in executing.items():
             worker = self.workers.get(worker_id)
             if worker is not None:
-                if any(n == name for n, _ in worker.running):
+                if worker.adopting or any(n == name for n, _ in worker.running):
                     continue
                 op = await self.store.get(name)
                 if (

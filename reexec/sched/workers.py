@@ -20,6 +20,8 @@ class WorkerState:
     last_seen: float
     # (operation name, attempt) pairs assigned to the worker and not yet reported back.
     running: set[tuple[str, int]] = field(default_factory=set)
+    # True while the attempts it brought along are being adopted (not all in `running` yet).
+    adopting: bool = False
     # Attempts of `running` the worker was told to cancel (told once).
     cancelled: set[tuple[str, int]] = field(default_factory=set)
     last_assigned: float = 0.0

@@ -213,3 +213,21 @@ async def test_a_cache_check_lost_with_its_scheduler_is_run_again(pair: Pair) ->
     [again] = drained(pair.b._cache_checks_out)  # B queued the check on its own tree
     await pair.b.check_cache(again)
     assert (await pair.b.store.get(op.name)).stage is Stage.QUEUED  # type: ignore[union-attr]
+
+
+async def test_an_attempt_being_adopted_is_not_taken_for_a_lost_dispatch(pair: Pair) -> None:
+    name = await queued_op(pair.a)
+    w, _ = connect(pair.a, "w1")
+    await pair.a.dispatch_ready()
+    del pair.a.workers["w1"]
+    pair.tick(60)  # long after the dispatch
+    w2, _ = connect(pair.b, "w1")  # registered with B; its attempts not adopted yet
+    w2.adopting = True
+    await pair.b._expire_leases(pair.b.now())
+    assert (await pair.b.store.get(name)).stage is Stage.EXECUTING  # type: ignore[union-attr]
+    w2.adopting = False
+    # Without the adoption (an attempt the worker never got), the same check requeues it.
+    await pair.b._expire_leases(pair.b.now())
+    op = await pair.b.store.get(name)
+    assert op is not None and op.stage is Stage.QUEUED
+    assert "was never given this attempt" in op.history[-1]
