@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -96,6 +97,7 @@ class RpcGate:
         self.inflight = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.last_left = -math.inf  # time.monotonic() when an RPC last finished
 
     def enter(self, method: str, stream: Stream | None = None) -> None:
         # Workers finishing their actions still need the CAS while we drain.
@@ -107,6 +109,7 @@ class RpcGate:
 
     def leave(self, method: str, status: str, seconds: float) -> None:
         self.inflight -= 1
+        self.last_left = time.monotonic()
         RPC_DURATION.observe(seconds, method, status)
         if self.inflight == 0:
             self._idle.set()
@@ -263,6 +266,11 @@ def guard(
         status = "OK"
         try:
             await func(stream)
+            # grpclib sends the OK trailers after this handler returns; sent here instead, so
+            # a drain that waits on the gate closes connections only once the client has the
+            # whole answer (closing between the two lost a stream's last message).
+            if not getattr(stream, "_send_trailing_metadata_done", True):
+                await stream.send_trailing_metadata()
         except ReexecError as e:
             status = e.status.name
             raise grpc_error(e) from None

@@ -145,6 +145,10 @@ async def test_scheduler_sigterm_finishes_running_actions_and_refuses_new(
                 assert isinstance(refused.error, GRPCError)
                 assert refused.error.status is Status.UNAVAILABLE
                 await _wait_for(lambda: running.finished.is_set())
+                assert running.operations and running.operations[-1].done, (
+                    running.stages,
+                    repr(running.error),
+                )
                 assert running.response.status.code == 0
                 assert running.response.result.exit_code == 0
                 assert sched.wait(30) == 0, sched.log_text()

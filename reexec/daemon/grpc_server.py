@@ -90,6 +90,11 @@ _WARN_INTERVAL_S = 10.0
 _ACCEPT_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
+# How long a closing server lets clients read what it sent last before it closes their
+# connections.
+CLOSE_GRACE_S = 0.5
+
+
 class ConnectionTracker:
     """Counts the client connections of one GrpcServer and enforces its ConnectionLimits.
 
@@ -105,8 +110,20 @@ class ConnectionTracker:
         # Admitted connections, so a closing server can end them: grpclib's Server.close()
         # stops listening and cancels running handlers but keeps serving live connections.
         self.live: set[_LimitedH2Protocol] = set()
+        # Set when the last live connection is gone (while close_all waits for that).
+        self.all_gone: asyncio.Event | None = None
 
-    def close_all(self, reason: str) -> None:
+    async def close_all(self, reason: str, grace_s: float = CLOSE_GRACE_S) -> None:
+        """GOAWAY to every live connection, a moment for clients to read what was sent last (a
+        stream's final message and trailers) and hang up, then close what is left. Closing at
+        once lost the last message of a stream that had just finished: a client that sees its
+        connection drop discards what it has received but not yet read."""
+        if self.live:
+            self.all_gone = asyncio.Event()
+            for protocol in list(self.live):
+                protocol.send_goaway()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.all_gone.wait(), grace_s)
         for protocol in list(self.live):
             protocol.close_connection(reason)
 
@@ -167,6 +184,8 @@ class _LimitedH2Protocol(H2Protocol):
         self._admitted = False
         self._tracker.open -= 1
         self._tracker.live.discard(self)
+        if not self._tracker.live and self._tracker.all_gone is not None:
+            self._tracker.all_gone.set()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         super().connection_lost(exc)
@@ -194,6 +213,11 @@ class _LimitedH2Protocol(H2Protocol):
         self._tracker.closed_idle += 1
         log.debug("closing a connection idle for %.0fs", now - last)
         self.close_connection("Connection idle")
+
+    def send_goaway(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection._connection.close_connection()
+            self.connection.flush()
 
     def close_connection(self, reason: str) -> None:
         # GOAWAY first: well-behaved clients then reconnect for their next call without error.
@@ -341,6 +365,13 @@ class GrpcServer:
             await self.gate.wait_idle()
         if scope.cancelled_caught:
             log.warning("grace period over: cancelling %d RPCs", self.gate.inflight)
+        else:
+            # An RPC that just finished has sent its last message, but its client may not have
+            # read it yet: grpclib's client drops unread messages of every stream when the
+            # GOAWAY of the close arrives. A moment for them first.
+            settle = CLOSE_GRACE_S - (time.monotonic() - self.gate.last_left)
+            if settle > 0:
+                await trio.sleep(settle)
         if close:
             await self.close()
 
@@ -352,7 +383,7 @@ class GrpcServer:
         for server in self._servers:
             server.close()
         # Live connections outlast Server.close(); end them so clients see the server go.
-        self.connections.close_all("Server closed")
+        await self.connections.close_all("Server closed")
         waits = [asyncio.ensure_future(s.wait_closed()) for s in self._servers]
         if waits:
             await asyncio.wait(waits, timeout=5)
