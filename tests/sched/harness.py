@@ -78,3 +78,13 @@ class Harness:
         op = self.s.store.get_now(name)
         assert op is not None, f"{name} is gone"
         return op
+
+
+def drained(inbox: trio.MemoryReceiveChannel) -> list[tuple[str, str, int]]:
+    """Everything waiting in a worker's outbox (read from its receiving end)."""
+    out = []
+    while True:
+        try:
+            out.append(inbox.receive_nowait())
+        except trio.WouldBlock:
+            return out

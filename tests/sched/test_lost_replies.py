@@ -24,7 +24,7 @@ from reexec.sched.redis_state import RedisStateStore
 from reexec.sched.scheduler import Scheduler
 from reexec.sched.state import Stage
 from tests.redis_server import RedisServer
-from tests.sched.harness import spec
+from tests.sched.harness import drained, spec
 
 TIMEOUT_S = 0.3
 
@@ -98,15 +98,6 @@ async def setup(redis_server: RedisServer, nursery: trio.Nursery) -> AsyncIterat
     s.sched._clock = lambda: s.clock[0]
     await nursery.start(store.run)
     yield s
-
-
-def drained(inbox: trio.MemoryReceiveChannel) -> list[tuple[str, str, int]]:
-    out = []
-    while True:
-        try:
-            out.append(inbox.receive_nowait())
-        except trio.WouldBlock:
-            return out
 
 
 async def test_dispatch_whose_reply_is_lost(setup: Setup, nursery: trio.Nursery) -> None:

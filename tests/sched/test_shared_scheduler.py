@@ -21,7 +21,7 @@ from reexec.sched.redis_state import RedisStateStore
 from reexec.sched.scheduler import Scheduler
 from reexec.sched.state import Outcome, Stage
 from reexec.sched.workers import WorkerState
-from tests.sched.harness import spec
+from tests.sched.harness import drained, spec
 
 
 @dataclass
@@ -54,15 +54,6 @@ async def pair(redis_url: str, nursery: trio.Nursery) -> AsyncIterator[Pair]:
 def connect(s: Scheduler, wid: str) -> tuple[WorkerState, trio.MemoryReceiveChannel]:
     send, receive = trio.open_memory_channel[tuple[str, str, int]](math.inf)
     return s.register_worker(wid, [], 1, send), receive
-
-
-def drained(inbox: trio.MemoryReceiveChannel) -> list[tuple[str, str, int]]:
-    out = []
-    while True:
-        try:
-            out.append(inbox.receive_nowait())
-        except trio.WouldBlock:
-            return out
 
 
 async def settle(*ss: Scheduler) -> None:
