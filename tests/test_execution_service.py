@@ -468,3 +468,28 @@ def _ops_stub(channel) -> _Ops:
 def ex_scope_cancel(c: ExecuteCall) -> None:
     """Make the client of an ExecuteCall go away (closes its stream)."""
     c.cancel_scope.cancel()
+
+
+async def test_start_message_is_the_same_with_and_without_validated_blobs(env):
+    """StartExecute carries the Action and Command bytes validation read (no second CAS read)
+    or, when the table has none (disabled here, or a retry), bytes read from the CAS: the same
+    message either way."""
+    daemon, channel, nursery = env
+    worker = await _worker(channel, nursery, "w1")
+    blobs = daemon.scheduler.action_blobs
+    starts = []
+    for max_entries in (blobs.max_entries, 0):
+        blobs.max_entries = max_entries
+        digest = await upload_action(channel, ["echo", "same"], do_not_cache=True)
+        hits = blobs.hits
+        ex = _execute(channel, nursery, digest)
+        start = await worker.next_start()
+        assert blobs.hits == hits + (1 if max_entries else 0)
+        await worker.finish(start, exit_code=0)
+        await ex.finished.wait()
+        assert ex.response.status.code == 0
+        start.ClearField("operation_name")
+        start.ClearField("queued_timestamp")
+        starts.append(start.SerializeToString(deterministic=True))
+    assert starts[0] == starts[1]
+    assert len(blobs) == 0

@@ -39,6 +39,7 @@ from reexec.cas.digest import Digest, DigestFunction
 from reexec.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from reexec.metrics import SCHEDULER_CAS_CONFLICTS as CAS_CONFLICTS
 from reexec.metrics import SCHEDULER_CAS_EXHAUSTED as CAS_GAVE_UP
+from reexec.sched.action_blobs import ActionBlobs
 from reexec.sched.change_log import completion_label, log_change, observe_durations
 from reexec.sched.config import SchedulerConfig
 from reexec.sched.matching import QueueKey, matches, worker_properties
@@ -142,6 +143,8 @@ class Scheduler:
         self.view = SharedView()
         self._wake = trio.Event()
         self._recent: OrderedDict[str, Operation] = OrderedDict()
+        # Action and Command bytes of validated Executes, taken when their start is built.
+        self.action_blobs = ActionBlobs()
         self._lease_checked_at = -math.inf
         # Cache checks this process runs now (so the stuck-check sweep does not repeat them).
         self._checking: set[str] = set()

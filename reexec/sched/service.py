@@ -69,7 +69,12 @@ class ExecutionService(Service):
     async def execute(self, stream: Stream) -> None:
         request = await aio(stream.recv_message)
         spec = await validate_execute(
-            request, self.cas, self.scheduler.settings, self.instances, self.tree_sizes
+            request,
+            self.cas,
+            self.scheduler.settings,
+            self.instances,
+            self.tree_sizes,
+            self.scheduler.action_blobs,
         )
         op, _ = await self.scheduler.submit(spec)  # a new operation's cache check starts there
         try:

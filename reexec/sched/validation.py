@@ -34,6 +34,7 @@ from reexec.cas.tree_size import (
 )
 from reexec.errors import InvalidArgument, missing_blobs_error
 from reexec.rpc import check_instance
+from reexec.sched.action_blobs import ActionBlobs
 from reexec.sched.config import SchedulerConfig
 from reexec.sched.matching import queue_key
 from reexec.sched.scheduler import ActionSpec
@@ -209,11 +210,13 @@ async def validate_execute(
     settings: SchedulerConfig,
     instances: Sequence[str],
     tree_sizes: SizeCache | None = None,
+    blobs: ActionBlobs | None = None,
 ) -> ActionSpec:
     """The ActionSpec for `request`: everything the scheduler keeps about the action.
 
-    Operations hold digests, not blobs, so records stay small; the worker connection reads the
-    Action and Command again when it starts the action (`WorkerService._start_message`).
+    Operations hold digests, not blobs, so records stay small; the worker connection needs the
+    Action and Command again when it starts the action (`WorkerService._start_message`): a
+    valid request's bytes are left in `blobs` for it, so it need not read them again.
     `tree_sizes` carries input tree sizes across calls (a fresh cache if None)."""
     check_instance(instances, request.instance_name)
     d = request.action_digest
@@ -266,4 +269,6 @@ async def validate_execute(
         skip_cache_lookup=request.skip_cache_lookup,
         timeout_s=timeout_s,
     )
+    if blobs is not None:
+        blobs.put(digest, action_bytes, command_bytes)
     return spec

@@ -2,8 +2,9 @@
 
 One Trio task receives the worker's messages and feeds them to the scheduler as events; a
 second sends what the scheduler put in the worker's outbox. StartExecute messages are built by
-the sender, which reads the Action and Command from the CAS there, so no CAS read ever holds up
-the dispatcher.
+the sender, with the Action and Command bytes Execute validation left in
+`Scheduler.action_blobs`, or read from the CAS there when they are not (so no CAS read ever
+holds up the dispatcher).
 """
 
 from __future__ import annotations
@@ -286,13 +287,17 @@ class WorkerService(Service):
     async def _start_message(self, op: Operation) -> fastpb.Message:
         key: ActionKey = action_key_of(op)
         digest = key.digest
+        blobs = self.scheduler.action_blobs.take(digest)
         try:
-            action_bytes = await self.cas.get_bytes(digest)
-            action = fastpb.Action.FromString(action_bytes)
-            cd = action.command_digest
-            command_bytes = await self.cas.get_bytes(
-                make_digest(cd.hash, cd.size_bytes, int(digest.function))
-            )
+            if blobs is not None:
+                action_bytes, command_bytes = blobs
+            else:
+                action_bytes = await self.cas.get_bytes(digest)
+                action = fastpb.Action.FromString(action_bytes)
+                cd = action.command_digest
+                command_bytes = await self.cas.get_bytes(
+                    make_digest(cd.hash, cd.size_bytes, int(digest.function))
+                )
         except BlobNotFound as e:
             raise FailedPrecondition(
                 f"{e.digest.blob_path} left the CAS before the action started",
