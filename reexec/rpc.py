@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import functools
 import logging
@@ -350,14 +351,37 @@ def in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> Awaitable[T]:
     return trio_asyncio.trio_as_aio(fn)(*args)
 
 
+class Slow(enum.Enum):
+    """A fast path's answer when only the Trio path can serve the request."""
+
+    SLOW = "slow"
+
+
+SLOW = Slow.SLOW
+
+# Whether handlers try their fast paths (answers computed on grpclib's side without a Trio
+# crossing). Always on in production; tests turn it off to check both paths give the same
+# answers.
+FAST_PATHS = True
+
+
 def unary(
-    fn: Callable[[Any, Stream], Awaitable[Any]], request_type: type, response_type: type
+    fn: Callable[[Any, Stream], Awaitable[Any]],
+    request_type: type,
+    response_type: type,
+    nowait: Callable[[Any], Any] | None = None,
 ) -> tuple[Callable[[Stream], Awaitable[None]], Cardinality, type, type]:
-    """A unary handler whose logic `fn(request, stream)` runs in Trio."""
+    """A unary handler whose logic `fn(request, stream)` runs in Trio.
+
+    `nowait(request)`, if given, is tried first on grpclib's side: it returns the response (or
+    raises, as `fn` would) when it can answer without waiting, else SLOW. A crossing into Trio
+    costs more than most of these RPCs' work (bench/RESULTS.md)."""
 
     async def handle(stream: Stream) -> None:
         request = await stream.recv_message()
-        response = await in_trio(fn, request, stream)
+        response = nowait(request) if nowait is not None and FAST_PATHS else SLOW
+        if response is SLOW:
+            response = await in_trio(fn, request, stream)
         await stream.send_message(response)
 
     return handle, Cardinality.UNARY_UNARY, request_type, response_type

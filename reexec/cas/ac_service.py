@@ -9,13 +9,13 @@ import trio
 from google.protobuf.message import DecodeError
 
 from reexec import fastpb
-from reexec.cas.action_cache import ActionCache, ActionKey
+from reexec.cas.action_cache import WOULD_BLOCK, ActionCache, ActionKey
 from reexec.cas.completeness import missing_references
 from reexec.cas.digest import DigestFunction, make_digest
 from reexec.cas.result_paths import check_action_result, check_tree
 from reexec.cas.store import BlobNotFound, Store
 from reexec.errors import InvalidArgument, NotFound, PermissionDenied, missing_blobs_error
-from reexec.rpc import Service, Stream, check_instance, unary
+from reexec.rpc import SLOW, Service, Stream, check_instance, unary
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,22 @@ log = logging.getLogger(__name__)
 # worker thread (a result of ~100,000 outputs fits in one message).
 _THREAD_TREE_BYTES = 256 * 1024
 _THREAD_RESULT_ENTRIES = 2000
+
+
+def _inline_wanted(
+    result: fastpb.Message, request: fastpb.Message
+) -> list[tuple[fastpb.Message, str, fastpb.Message]]:
+    """(message, field, wire digest) of each blob the request asks to inline into `result`."""
+    wanted: list[tuple[fastpb.Message, str, fastpb.Message]] = []
+    if request.inline_stdout and result.HasField("stdout_digest") and not result.stdout_raw:
+        wanted.append((result, "stdout_raw", result.stdout_digest))
+    if request.inline_stderr and result.HasField("stderr_digest") and not result.stderr_raw:
+        wanted.append((result, "stderr_raw", result.stderr_digest))
+    paths = set(request.inline_output_files)
+    for f in result.output_files:
+        if f.path in paths and not f.contents:
+            wanted.append((f, "contents", f.digest))
+    return wanted
 
 
 class ActionCacheService(Service):
@@ -52,7 +68,10 @@ class ActionCacheService(Service):
     def rpcs(self):  # type: ignore[no-untyped-def]
         return {
             "GetActionResult": unary(
-                self.get_action_result, fastpb.GetActionResultRequest, fastpb.ActionResult
+                self.get_action_result,
+                fastpb.GetActionResultRequest,
+                fastpb.ActionResult,
+                nowait=self.get_action_result_nowait,
             ),
             "UpdateActionResult": unary(
                 self.update_action_result, fastpb.UpdateActionResultRequest, fastpb.ActionResult
@@ -73,21 +92,43 @@ class ActionCacheService(Service):
             await self._inline(result, request, digest.function)
         return result
 
+    def get_action_result_nowait(self, request: fastpb.Message):  # type: ignore[no-untyped-def]
+        """`get_action_result` when the action cache (and, for inlining, the CAS) answers
+        without waiting; else SLOW."""
+        check_instance(self.instances, request.instance_name)
+        d = request.action_digest
+        digest = make_digest(d.hash, d.size_bytes, request.digest_function)
+        data = self.ac.get_nowait(ActionKey(request.instance_name, digest))
+        if data is WOULD_BLOCK:
+            return SLOW
+        if data is None:
+            self.misses += 1
+            raise NotFound(f"no action cache entry for {digest.blob_path}")
+        result = fastpb.ActionResult.FromString(data)
+        if request.inline_stdout or request.inline_stderr or request.inline_output_files:
+            budget = self.max_inline_bytes
+            for target, field, wire in _inline_wanted(result, request):
+                if wire.size_bytes > budget or not wire.hash:
+                    continue
+                try:
+                    blob = self.cas.get_bytes_nowait(
+                        make_digest(wire.hash, wire.size_bytes, int(digest.function))
+                    )
+                except (BlobNotFound, InvalidArgument):
+                    continue
+                if blob is None:
+                    return SLOW
+                setattr(target, field, blob)
+                budget -= len(blob)
+        self.hits += 1
+        return result
+
     async def _inline(
         self, result: fastpb.Message, request: fastpb.Message, function: DigestFunction
     ) -> None:
         """Fill *_raw / contents the client asked for, within `max_inline_bytes` in total."""
         budget = self.max_inline_bytes
-        wanted: list[tuple[fastpb.Message, str, fastpb.Message]] = []
-        if request.inline_stdout and result.HasField("stdout_digest") and not result.stdout_raw:
-            wanted.append((result, "stdout_raw", result.stdout_digest))
-        if request.inline_stderr and result.HasField("stderr_digest") and not result.stderr_raw:
-            wanted.append((result, "stderr_raw", result.stderr_digest))
-        paths = set(request.inline_output_files)
-        for f in result.output_files:
-            if f.path in paths and not f.contents:
-                wanted.append((f, "contents", f.digest))
-        for target, field, wire in wanted:
+        for target, field, wire in _inline_wanted(result, request):
             if wire.size_bytes > budget or not wire.hash:
                 continue
             try:

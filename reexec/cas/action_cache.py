@@ -8,6 +8,7 @@ differently configured instances.
 from __future__ import annotations
 
 import abc
+import enum
 import logging
 import os
 import uuid
@@ -32,12 +33,28 @@ class ActionKey(NamedTuple):
     digest: Digest
 
 
+class NoWait(enum.Enum):
+    """`ActionCache.get_nowait`'s answer when only the async `get` can tell."""
+
+    WOULD_BLOCK = "would block"
+
+
+WOULD_BLOCK = NoWait.WOULD_BLOCK
+
+
 class ActionCache(abc.ABC):
     """Maps an action to its serialized ActionResult."""
 
     @abc.abstractmethod
     async def get(self, key: ActionKey) -> bytes | None:
         """The stored ActionResult bytes, or None on a miss."""
+
+    def get_nowait(self, key: ActionKey) -> bytes | NoWait | None:
+        """`get`'s answer if it can be given without waiting, else WOULD_BLOCK.
+
+        The gRPC edge answers GetActionResult with it on grpclib's side, without crossing into
+        Trio (see `Store.find_missing_nowait` for the rules such methods follow)."""
+        return WOULD_BLOCK
 
     @abc.abstractmethod
     async def put(self, key: ActionKey, result: bytes) -> None: ...
@@ -55,6 +72,12 @@ class MemoryActionCache(ActionCache):
         self._lru: LruIndex[ActionKey] = LruIndex(max_bytes)
 
     async def get(self, key: ActionKey) -> bytes | None:
+        return self._get(key)
+
+    def get_nowait(self, key: ActionKey) -> bytes | NoWait | None:
+        return self._get(key)
+
+    def _get(self, key: ActionKey) -> bytes | None:
         result = self._entries.get(key)
         if result is not None:
             self._lru.touch(key)
@@ -128,6 +151,19 @@ class FilesystemActionCache(ActionCache):
             data = self._read(rel)
         else:
             data = await trio.to_thread.run_sync(self._read, rel)
+        if data is None:
+            self._lru.remove(rel)
+        return data
+
+    def get_nowait(self, key: ActionKey) -> bytes | NoWait | None:
+        rel = self._rel_path(key)
+        size = self._lru.size_of(rel)
+        if size is None:
+            return None
+        if size > INLINE_READ_LIMIT:
+            return WOULD_BLOCK
+        self._lru.touch(rel)
+        data = self._read(rel)
         if data is None:
             self._lru.remove(rel)
         return data

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 import zstandard
 
-from reexec import fastpb
+from reexec import fastpb, rpc
 from reexec.cas.limits import check_blob_size
 from reexec.cas.resource import Compressor, ResourceName, parse_read_name, parse_write_name
 from reexec.cas.store import READ_CHUNK, BlobWriter, Store
@@ -24,13 +24,14 @@ from reexec.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhaust
 from reexec.gen.google import bytestream as bs
 from reexec.metrics import CAS_BYTES
 from reexec.rpc import (
+    SLOW,
     Cardinality,
     Service,
+    Slow,
     Stream,
     aio,
     check_instance,
     in_trio,
-    streaming,
     unary,
 )
 
@@ -246,8 +247,11 @@ class ByteStreamService(Service):
                 fastpb.ReadRequest,
                 fastpb.ReadResponse,
             ),
-            "Write": streaming(
-                self.write, Cardinality.STREAM_UNARY, fastpb.WriteRequest, fastpb.WriteResponse
+            "Write": (
+                self._handle_write,
+                Cardinality.STREAM_UNARY,
+                fastpb.WriteRequest,
+                fastpb.WriteResponse,
             ),
             "QueryWriteStatus": unary(
                 self.query_write_status, bs.QueryWriteStatusRequest, bs.QueryWriteStatusResponse
@@ -260,13 +264,14 @@ class ByteStreamService(Service):
         # asyncio side: one crossing per Read; a small blob comes back whole and is sent from
         # here, larger ones are streamed from Trio.
         request = await stream.recv_message()
-        data = await in_trio(self._read, stream, request)
+        data = self._read_nowait(request) if rpc.FAST_PATHS else SLOW
+        if data is SLOW:
+            data = await in_trio(self._read, stream, request)
         if data is not None:
             await stream.send_message(fastpb.ReadResponse(data=data))
 
-    async def _read(self, stream: Stream, request: Any) -> bytes | None:
-        """Serve a Read: returns the whole blob when it fits in one response (the caller sends
-        it), else streams the responses itself and returns None."""
+    def _read_request(self, request: Any) -> ResourceName:
+        """The blob a Read request names, once the request is checked."""
         name = parse_read_name(request.resource_name)
         check_instance(self.instances, name.instance)
         offset, limit = request.read_offset, request.read_limit
@@ -278,12 +283,38 @@ class ByteStreamService(Service):
             raise OutOfRange(
                 f"read_offset {offset} is past the end of {name.digest.blob_path} ({name.digest.size} bytes)"
             )
+        return name
+
+    def _is_whole_small_read(self, request: Any, name: ResourceName) -> bool:
+        return (
+            name.compressor is Compressor.IDENTITY
+            and not request.read_offset
+            and not request.read_limit
+            and 0 < name.digest.size <= self.read_chunk
+        )
+
+    def _read_nowait(self, request: Any) -> bytes | Slow:
+        """A small blob read whole, if the store has it at hand; else SLOW."""
+        name = self._read_request(request)
+        if not self._is_whole_small_read(request, name):
+            return SLOW
+        data = self.cas.get_bytes_nowait(name.digest)
+        if data is None:
+            return SLOW
+        CAS_BYTES.inc(len(data), "read")
+        return data
+
+    async def _read(self, stream: Stream, request: Any) -> bytes | None:
+        """Serve a Read: returns the whole blob when it fits in one response (the caller sends
+        it), else streams the responses itself and returns None."""
+        name = self._read_request(request)
+        offset, limit = request.read_offset, request.read_limit
         if name.compressor is Compressor.ZSTD:
             if limit:
                 raise InvalidArgument("read_limit must be 0 when reading compressed-blobs")
             await self._read_zstd(stream, name, offset)
             return None
-        if not offset and not limit and 0 < name.digest.size <= self.read_chunk:
+        if self._is_whole_small_read(request, name):
             data = await self.cas.get_bytes(name.digest)
             CAS_BYTES.inc(len(data), "read")
             return data
@@ -315,11 +346,45 @@ class ByteStreamService(Service):
 
     # -- Write ------------------------------------------------------------------------------
 
-    async def write(self, stream: Stream) -> None:
-        # The first message alone, as before batching: the upload is answered early if the
-        # blob exists, and is listed for QueryWriteStatus as soon as it starts.
-        batch, broken = await self._recv(stream, 0)
-        first = batch[0]
+    async def _handle_write(self, stream: Stream) -> None:
+        # asyncio side. The first message alone, as before batching: the upload is answered
+        # early if the blob exists, and is listed for QueryWriteStatus as soon as it starts.
+        first = await stream.recv_message()
+        response = self._write_nowait(first) if rpc.FAST_PATHS else SLOW
+        if response is SLOW:
+            await in_trio(self.write, stream, first)
+        else:
+            await stream.send_message(response)
+
+    def _write_nowait(self, first: Any) -> Any:
+        """A whole small blob in one message, stored without waiting; else SLOW. Answers as
+        `write` does: an existing blob is not written (nor its data checked) again."""
+        if first is None or not first.finish_write or first.write_offset:
+            return SLOW
+        key = first.resource_name
+        name = parse_write_name(key)
+        check_instance(self.instances, name.instance)
+        digest = name.digest
+        if (
+            name.compressor is not Compressor.IDENTITY
+            or len(first.data) != digest.size
+            or key in self.uploads.uploads
+        ):
+            return SLOW
+        check_blob_size(self.cas, digest.size, digest.blob_path)
+        missing = self.cas.find_missing_nowait([digest])
+        if missing is None:
+            return SLOW
+        if missing:
+            if not self.cas.put_bytes_nowait(digest, first.data):
+                return SLOW
+            CAS_BYTES.inc(len(first.data), "write")
+        return fastpb.WriteResponse(committed_size=digest.size)
+
+    async def write(self, stream: Stream, first: Any) -> None:
+        """Serve a Write whose first message (or None: no message) the handler received."""
+        batch: list[Any] = [first]
+        broken: BaseException | None = None
         if first is None:
             raise InvalidArgument("Write stream closed before its first message")
         key = first.resource_name

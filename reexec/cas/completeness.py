@@ -13,7 +13,7 @@ import xxhash
 from google.protobuf.message import DecodeError
 
 from reexec import fastpb
-from reexec.cas.action_cache import ActionCache, ActionKey
+from reexec.cas.action_cache import WOULD_BLOCK, ActionCache, ActionKey, NoWait
 from reexec.cas.digest import Digest, DigestFunction, make_digest
 from reexec.cas.store import BlobNotFound, Store
 from reexec.errors import InvalidArgument
@@ -49,31 +49,82 @@ def direct_references(result: fastpb.Message, function: DigestFunction) -> list[
     return out
 
 
-async def missing_references(
-    result: fastpb.Message, function: DigestFunction, cas: Store
-) -> list[Digest]:
-    """Every blob the ActionResult needs that the CAS lacks, including files inside its trees."""
+# What `_missing_steps` asks its driver for: the missing subset of some digests, or a blob.
+_FIND = "find"
+_GET = "get"
+
+
+def _missing_steps(result: fastpb.Message, function: DigestFunction):  # type: ignore[no-untyped-def]
+    """The completeness check as a generator, so one body serves the async and the nowait
+    driver: it yields (_FIND, digests) to be sent the missing ones, or (_GET, digest) to be
+    sent the blob's bytes (None if it is not stored), and returns every missing blob."""
     direct = direct_references(result, function)
-    missing = await cas.find_missing(direct)
+    missing: list[Digest] = yield _FIND, direct
     missing_set = set(missing)
     nested: list[Digest] = []
     for d in result.output_directories:  # type: ignore[attr-defined]
         tree_digest = wire_digest(d.tree_digest, function)
         if tree_digest in missing_set:
             continue
-        try:
-            tree = fastpb.Tree.FromString(await cas.get_bytes(tree_digest))
-        except BlobNotFound:
+        data = yield _GET, tree_digest
+        if data is None:
             missing.append(tree_digest)
             continue
+        try:
+            tree = fastpb.Tree.FromString(data)
         except DecodeError:
             raise InvalidArgument(
                 f"output directory {d.path!r}: tree {tree_digest.blob_path} is not a valid Tree"
             ) from None
         _collect_files(tree, function, nested)
     if nested:
-        missing.extend(await cas.find_missing(nested))
+        missing.extend((yield _FIND, nested))
     return list(dict.fromkeys(missing))
+
+
+async def missing_references(
+    result: fastpb.Message, function: DigestFunction, cas: Store
+) -> list[Digest]:
+    """Every blob the ActionResult needs that the CAS lacks, including files inside its trees."""
+    steps = _missing_steps(result, function)
+    answer = None
+    try:
+        while True:
+            op, arg = steps.send(answer)
+            if op is _FIND:
+                answer = await cas.find_missing(arg)
+            else:
+                try:
+                    answer = await cas.get_bytes(arg)
+                except BlobNotFound:
+                    answer = None
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def missing_references_nowait(
+    result: fastpb.Message, function: DigestFunction, cas: Store
+) -> list[Digest] | None:
+    """`missing_references` if the CAS answers every step without waiting, else None."""
+    steps = _missing_steps(result, function)
+    answer = None
+    try:
+        while True:
+            op, arg = steps.send(answer)
+            if op is _FIND:
+                answer = cas.find_missing_nowait(arg)
+                if answer is None:
+                    return None
+            else:
+                try:
+                    answer = cas.get_bytes_nowait(arg)
+                except BlobNotFound:
+                    answer = None
+                else:
+                    if answer is None:
+                        return None
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 def removal_generation(cas: Store) -> tuple[int, int] | None:
@@ -111,11 +162,16 @@ class CompletenessCheckingActionCache(ActionCache):
         self._generation: tuple[int, int] | None = None
         self._puts = 0
 
-    async def get(self, key: ActionKey) -> bytes | None:
+    def _current_generation(self) -> tuple[int, int] | None:
+        """The CAS's removal generation; what was verified under an older one is forgotten."""
         generation = removal_generation(self.cas)
         if generation is None or generation != self._generation:
             self._verified.clear()
             self._generation = generation
+        return generation
+
+    async def get(self, key: ActionKey) -> bytes | None:
+        generation = self._current_generation()
         puts = self._puts
         data = await self.inner.get(key)
         if data is None:
@@ -125,6 +181,23 @@ class CompletenessCheckingActionCache(ActionCache):
             self.skipped += 1
             return data
         checked = await self._check(key, data)
+        self._remember(key, fingerprint if checked is not None else None, generation, puts)
+        return checked
+
+    def get_nowait(self, key: ActionKey) -> bytes | NoWait | None:
+        generation = self._current_generation()
+        puts = self._puts
+        data = self.inner.get_nowait(key)
+        if data is None or data is WOULD_BLOCK:
+            return data
+        assert isinstance(data, bytes)
+        fingerprint = _fingerprint(data)
+        if self._verified.get(key) == fingerprint:
+            self.skipped += 1
+            return data
+        checked = self._check_nowait(key, data)
+        if checked is WOULD_BLOCK:
+            return WOULD_BLOCK
         self._remember(key, fingerprint if checked is not None else None, generation, puts)
         return checked
 
@@ -156,6 +229,21 @@ class CompletenessCheckingActionCache(ActionCache):
         except (DecodeError, InvalidArgument) as e:
             log.warning("ignoring unreadable action cache entry %s: %s", key.digest, e)
             return None
+        return self._verdict(key, data, missing)
+
+    def _check_nowait(self, key: ActionKey, data: bytes) -> bytes | NoWait | None:
+        """`_check`'s answer if the CAS gives it without waiting, else WOULD_BLOCK."""
+        try:
+            result = fastpb.ActionResult.FromString(data)
+            missing = missing_references_nowait(result, key.digest.function, self.cas)
+        except (DecodeError, InvalidArgument) as e:
+            log.warning("ignoring unreadable action cache entry %s: %s", key.digest, e)
+            return None
+        if missing is None:
+            return WOULD_BLOCK
+        return self._verdict(key, data, missing)
+
+    def _verdict(self, key: ActionKey, data: bytes, missing: list[Digest]) -> bytes | None:
         if missing:
             self.incomplete += 1
             log.debug(

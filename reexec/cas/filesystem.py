@@ -280,6 +280,24 @@ class FilesystemStore(Store):
                 self._used[d] = t
         return missing
 
+    def _check_shared_nowait(
+        self, digests: Sequence[Digest], *, verify: bool = False
+    ) -> list[Digest] | None:
+        """`_check_shared`'s answer when at most INLINE_CHECKS files need a system call (done
+        inline), else None."""
+        recent = time.time_ns() + 1 if verify else time.time_ns() - TOUCH_INTERVAL_NS
+        used_at = self._used
+        check = [d for d in digests if used_at.get(d, 0) < recent]
+        if len(check) > INLINE_CHECKS:
+            return None
+        used = self._use_all(check) if check else []
+        if len(check) < len(digests):
+            touch = self._lru.touch
+            for d in digests:
+                if used_at.get(d, 0) >= recent:
+                    touch(d)
+        return self._note_uses(check, used)
+
     async def _check_shared(
         self, digests: Sequence[Digest], *, verify: bool = False
     ) -> list[Digest]:
@@ -484,6 +502,12 @@ class FilesystemStore(Store):
         touch = self._lru.touch
         return [d for d in dedupe(digests) if not is_empty(d) and not touch(d)]
 
+    def find_missing_nowait(self, digests: Sequence[Digest]) -> list[Digest] | None:
+        if self._share is not None:
+            return self._check_shared_nowait([d for d in dedupe(digests) if not is_empty(d)])
+        touch = self._lru.touch
+        return [d for d in dedupe(digests) if not is_empty(d) and not touch(d)]
+
     @asynccontextmanager
     async def open_read(self, digest: Digest, offset: int = 0) -> AsyncIterator[BlobReader]:
         check_offset(digest, offset)
@@ -535,6 +559,22 @@ class FilesystemStore(Store):
             return await trio.to_thread.run_sync(self._read_whole, digest)
         finally:
             self._lru.unpin(digest)
+
+    def get_bytes_nowait(self, digest: Digest) -> bytes | None:
+        if is_empty(digest):
+            return b""
+        if digest.size > INLINE_IO_LIMIT:
+            return None
+        if self._share is None:
+            present = self._lru.touch(digest)
+        else:
+            missing = self._check_shared_nowait([digest])
+            if missing is None:
+                return None
+            present = not missing
+        if not present:
+            raise BlobNotFound(digest)
+        return self._read_whole(digest, inline=True)
 
     def _read_whole(self, digest: Digest, inline: bool = False) -> bytes:
         path = self.blob_path(digest)
@@ -651,6 +691,28 @@ class FilesystemStore(Store):
             else:
                 await trio.to_thread.run_sync(self._write_whole, digest, data)
             await self._add(digest)
+
+    def put_bytes_nowait(self, digest: Digest, data: bytes) -> bool:
+        """Small blobs only, on an unshared store, when nothing is being installed or evicted
+        (the `_mutate` lock is free, and no eviction is needed to make room): then the inline
+        write below is exactly `put_bytes` holding the lock."""
+        if (
+            self._share is not None
+            or digest.size > INLINE_IO_LIMIT
+            or self._mutate.locked()
+            or self._lru.over_capacity(digest.size)
+        ):
+            return False
+        check_blob_size(digest, self._max_blob)
+        if len(data) != digest.size:
+            raise InvalidArgument(
+                f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
+            )
+        if is_empty(digest) or self._lru.touch(digest):
+            return True
+        self._write_whole(digest, data)
+        self._lru.add(digest, digest.size)
+        return True
 
     async def _put_shared(self, digest: Digest, data: bytes) -> None:
         # The temp file is written without the lock: only the rename needs it.

@@ -34,9 +34,30 @@ class MemoryStore(Store):
         return self._max_blob
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        return self.find_missing_nowait(digests)  # never None here
+
+    def find_missing_nowait(self, digests: Sequence[Digest]) -> list[Digest] | None:
         blobs = self._blobs
         touch = self._lru.touch
         return [d for d in dedupe(digests) if not is_empty(d) and not (d in blobs and touch(d))]
+
+    def get_bytes_nowait(self, digest: Digest) -> bytes | None:
+        if is_empty(digest):
+            return b""
+        data = self._blobs.get(digest)
+        if data is None:
+            raise BlobNotFound(digest)
+        self._lru.touch(digest)
+        return data
+
+    def put_bytes_nowait(self, digest: Digest, data: bytes) -> bool:
+        check_blob_size(digest, self._max_blob)
+        if len(data) != digest.size:
+            raise InvalidArgument(
+                f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
+            )
+        self._insert(digest, bytes(data))
+        return True
 
     @asynccontextmanager
     async def open_read(self, digest: Digest, offset: int = 0) -> AsyncIterator[BlobReader]:
@@ -56,13 +77,7 @@ class MemoryStore(Store):
             self._lru.unpin(digest)
 
     async def get_bytes(self, digest: Digest) -> bytes:
-        if is_empty(digest):
-            return b""
-        data = self._blobs.get(digest)
-        if data is None:
-            raise BlobNotFound(digest)
-        self._lru.touch(digest)
-        return data
+        return self.get_bytes_nowait(digest)  # never None here
 
     async def open_write(self, digest: Digest) -> _MemoryWriter:
         check_blob_size(digest, self._max_blob)
@@ -75,12 +90,7 @@ class MemoryStore(Store):
         return _MemoryWriter(self, digest)
 
     async def put_bytes(self, digest: Digest, data: bytes) -> None:
-        check_blob_size(digest, self._max_blob)
-        if len(data) != digest.size:
-            raise InvalidArgument(
-                f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
-            )
-        self._insert(digest, bytes(data))
+        self.put_bytes_nowait(digest, data)
 
     def _insert(self, digest: Digest, data: bytes) -> None:
         if is_empty(digest):

@@ -12,6 +12,14 @@ so no caller needs to know which class sits under which decorator:
 - `discard_if_same_file`: drop a blob whose very inode a worker found modified;
 - `hold`: keep blobs an in-flight action uses from eviction.
 The defaults say "cannot" (or do nothing); decorators forward or answer for their inner stores.
+
+The `*_nowait` methods are synchronous fast paths for the gRPC edge: RPCs that a local store
+answers without waiting (FindMissingBlobs, reads and writes of small blobs) are served on
+grpclib's side of the process without a crossing into Trio, which costs more than the work.
+Each either gives the same answer its async twin would, or says it cannot (None/False) and the
+caller takes the async path. They run on the event loop's thread between two Trio checkpoints,
+so they must not block (beyond small local file I/O), wait, or call Trio APIs that need the
+current task.
 """
 
 from __future__ import annotations
@@ -110,6 +118,20 @@ class Store(abc.ABC):
         except BaseException:
             await writer.abort()
             raise
+
+    def find_missing_nowait(self, digests: Sequence[Digest]) -> list[Digest] | None:
+        """`find_missing`'s answer if it can be given without waiting, else None."""
+        return None
+
+    def get_bytes_nowait(self, digest: Digest) -> bytes | None:
+        """`get_bytes`'s answer (raising as it does) if it can be given without waiting, else
+        None."""
+        return None
+
+    def put_bytes_nowait(self, digest: Digest, data: bytes) -> bool:
+        """Do what `put_bytes` does (raising as it does) if it can be done without waiting and
+        return True; else do nothing and return False."""
+        return False
 
     def max_blob_bytes(self) -> int | None:
         """The largest blob this store will ever accept; None if it sets no limit of its own.

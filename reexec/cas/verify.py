@@ -60,6 +60,25 @@ class VerifyingStore(Store):
             raise _mismatch(digest, actual)
         await self.inner.put_bytes(digest, data)
 
+    def find_missing_nowait(self, digests: Sequence[Digest]) -> list[Digest] | None:
+        return self.inner.find_missing_nowait(digests)
+
+    def get_bytes_nowait(self, digest: Digest) -> bytes | None:
+        return self.inner.get_bytes_nowait(digest)
+
+    def put_bytes_nowait(self, digest: Digest, data: bytes) -> bool:
+        # Only what hashes inline; larger blobs take the async path (hashed in a thread).
+        if len(data) > INLINE_HASH_LIMIT:
+            return False
+        if len(data) != digest.size:
+            raise InvalidArgument(f"size mismatch for {digest.blob_path}: got {len(data)} bytes")
+        hasher = new_hasher(digest.function)
+        hasher.update(data)
+        actual = hasher.hexdigest()
+        if actual != digest.hash:
+            raise _mismatch(digest, actual)
+        return self.inner.put_bytes_nowait(digest, data)
+
     def max_blob_bytes(self) -> int | None:
         return self.inner.max_blob_bytes()
 

@@ -89,6 +89,40 @@ class StoreContract:
         others = [Digest(d.hash, d.size, g) for g in ALL_FUNCTIONS if g is not fn]
         assert await store.find_missing(others) == others
 
+    # -- the synchronous fast paths ------------------------------------------------------------
+
+    async def test_nowait_methods_answer_as_their_async_twins(self, tmp_path: Path) -> None:
+        """Each `*_nowait` method may decline (None/False); when it answers, the answer (or
+        error) is the async method's."""
+        store = await self.make(tmp_path)
+        stored = {digest_of(blob(n, n)): blob(n, n) for n in (10, 4000, 70_000)}
+        for d, data in stored.items():
+            await store.put_bytes(d, data)
+        absent = digest_of(b"absent")
+        query = [absent, *stored, empty_digest(DigestFunction.SHA256), absent]
+        answer = store.find_missing_nowait(query)
+        if answer is not None:
+            assert answer == await store.find_missing(query) == [absent]
+        for d, data in [*stored.items(), (empty_digest(DigestFunction.SHA256), b"")]:
+            got = store.get_bytes_nowait(d)
+            assert got is None or got == data
+        try:
+            got = store.get_bytes_nowait(absent)
+        except BlobNotFound:
+            pass
+        else:
+            assert got is None
+        new = blob(300, 77)
+        d = digest_of(new)
+        with pytest.raises(InvalidArgument):
+            if not store.put_bytes_nowait(d, new + b"x"):
+                raise InvalidArgument("declined; the async put refuses it")
+        assert not await self.inspect(store, d)
+        if store.put_bytes_nowait(d, new):
+            assert await store.get_bytes(d) == new
+            assert store.put_bytes_nowait(d, new) in (True, False)  # again: harmless
+            assert await store.find_missing([d]) == []
+
     # -- whole-blob put/get -----------------------------------------------------------------
 
     @pytest.mark.parametrize("fn", ALL_FUNCTIONS)
