@@ -98,9 +98,10 @@ def check_batch(batch: Sequence[Any], key: str, offset: int) -> BatchCheck:
                 f"{offset} bytes committed for {key}"
             )
             return out
-        if request.data:
-            out.parts.append(request.data)
-            offset += len(request.data)
+        data = request.data  # once: every read of a upb bytes field copies it
+        if data:
+            out.parts.append(data)
+            offset += len(data)
         if request.finish_write:
             out.finished = True
             return out
@@ -365,9 +366,10 @@ class ByteStreamService(Service):
         name = parse_write_name(key)
         check_instance(self.instances, name.instance)
         digest = name.digest
+        data = first.data
         if (
             name.compressor is not Compressor.IDENTITY
-            or len(first.data) != digest.size
+            or len(data) != digest.size
             or key in self.uploads.uploads
         ):
             return SLOW
@@ -376,9 +378,9 @@ class ByteStreamService(Service):
         if missing is None:
             return SLOW
         if missing:
-            if not self.cas.put_bytes_nowait(digest, first.data):
+            if not self.cas.put_bytes_nowait(digest, data):
                 return SLOW
-            CAS_BYTES.inc(len(first.data), "write")
+            CAS_BYTES.inc(len(data), "write")
         return fastpb.WriteResponse(committed_size=digest.size)
 
     async def write(self, stream: Stream, first: Any) -> None:
@@ -411,13 +413,13 @@ class ByteStreamService(Service):
                 and first.finish_write
                 and not first.write_offset
                 and not compressed
-                and len(first.data) == digest.size
+                and len(data := first.data) == digest.size
                 and key not in self.uploads.uploads
             ):
                 # The whole blob in one message (small blobs): store it in one go, without an
                 # UploadTable entry or a streaming writer and its temp file.
-                CAS_BYTES.inc(len(first.data), "write")
-                await self.cas.put_bytes(digest, first.data)
+                CAS_BYTES.inc(len(data), "write")
+                await self.cas.put_bytes(digest, data)
                 await aio(stream.send_message, fastpb.WriteResponse(committed_size=digest.size))
                 return
             upload = await self._resume_or_start(key, name, first.write_offset)

@@ -31,8 +31,11 @@ from typing import Any
 
 import trio
 import trio_asyncio
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import Connection, EventsProcessor, H2Protocol, _set_nodelay
 from grpclib.server import Handler, Server
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.settings import SettingCodes, Settings
 
 from reexec.daemon.config import ServerConfig, TlsConfig, parse_listen, parse_size
 from reexec.rpc import RpcGate, Servable, StatusDetailsCodec
@@ -144,7 +147,59 @@ class ConnectionTracker:
         return True
 
 
-class _LimitedH2Protocol(H2Protocol):
+# The largest HTTP/2 frame a client may send us. h2's default (the protocol's minimum, 16 KiB)
+# makes a client cut each MiB of upload into 64 DATA frames, each parsed, flow-controlled and
+# acknowledged in Python here; with 1 MiB frames the per-frame work all but disappears
+# (bench/RESULTS.md). Clients use at most what they negotiate; all we measured send larger frames.
+MAX_INBOUND_FRAME_BYTES = 1 << 20
+
+
+class _LargeFrameH2Connection(H2Connection):
+    """h2's connection whose *initial* SETTINGS allow MAX_INBOUND_FRAME_BYTES.
+
+    Initial, not a later update_settings: h2 raises its inbound limit only when the client
+    acknowledges, at its next receive_data, so a client that sends the ACK and a large frame in
+    one TCP read would have its connection reset."""
+
+    def __init__(self, config: H2Configuration | None = None) -> None:
+        super().__init__(config=config)
+        self.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+                SettingCodes.MAX_HEADER_LIST_SIZE: self.DEFAULT_MAX_HEADER_LIST_SIZE,
+                SettingCodes.MAX_FRAME_SIZE: MAX_INBOUND_FRAME_BYTES,
+            },
+        )
+        self.max_inbound_frame_size = MAX_INBOUND_FRAME_BYTES
+
+
+class _ServerH2Protocol(H2Protocol):
+    """grpclib's HTTP/2 server protocol on a `_LargeFrameH2Connection`.
+
+    Mirrors grpclib 0.4's `H2Protocol.connection_made`, which hard-codes h2's H2Connection."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _set_nodelay(sock)
+        h2_conn = _LargeFrameH2Connection(config=self.h2_config)
+        h2_conn.initiate_connection()
+        initial = h2_conn.local_settings.initial_window_size
+        conn_delta = self.config.http2_connection_window_size - initial
+        if conn_delta:
+            h2_conn.increment_flow_control_window(conn_delta)
+        if self.config.http2_stream_window_size != initial:
+            h2_conn.update_settings(
+                {SettingCodes.INITIAL_WINDOW_SIZE: self.config.http2_stream_window_size}
+            )
+        self.connection = Connection(h2_conn, transport, config=self.config)  # type: ignore[arg-type]
+        self.connection.flush()
+        self.connection.initialize()
+        self.processor = EventsProcessor(self.handler, self.connection)
+
+
+class _LimitedH2Protocol(_ServerH2Protocol):
     """grpclib's HTTP/2 server protocol, counted against a ConnectionTracker and closed once
     idle (no stream open, no stream started and no message for `idle_timeout_s`)."""
 
@@ -228,20 +283,20 @@ class _LimitedH2Protocol(H2Protocol):
 
 
 class _Server(Server):
-    """grpclib's Server whose connections are counted and closed when idle (TCP listeners);
-    with `tracker=None` (the private unix socket) it is grpclib's Server unchanged."""
+    """grpclib's Server on large-frame connections, counted and closed when idle (TCP
+    listeners; with `tracker=None`, the private unix socket, neither)."""
 
     def __init__(self, *args: Any, tracker: ConnectionTracker | None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._tracker = tracker
 
     def _protocol_factory(self) -> H2Protocol:
-        if self._tracker is None:
-            return super()._protocol_factory()
-        # As grpclib's own factory, with our protocol class.
+        # As grpclib's own factory, with our protocol classes.
         self.__gc_step__()
         handler = Handler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
         self._handlers.add(handler)
+        if self._tracker is None:
+            return _ServerH2Protocol(handler, self._config, self._h2_config)
         return _LimitedH2Protocol(handler, self._config, self._h2_config, tracker=self._tracker)
 
 
