@@ -191,5 +191,6 @@ def make_digests(hashes: list[str], sizes: list[int], requested_function: int = 
         if _HEX_LENGTH[function] != length:
             function = None
     if function is not None and min(sizes) >= 0 and _all_lower_hex("".join(hashes)):
-        return list(map(Digest._make, zip(hashes, sizes, repeat(function))))
+        # tuple.__new__ builds each NamedTuple in C (Digest._make is a Python call per item).
+        return list(map(tuple.__new__, repeat(Digest), zip(hashes, sizes, repeat(function))))
     return [make_digest(h, s, requested_function) for h, s in zip(hashes, sizes, strict=True)]

@@ -499,14 +499,12 @@ class FilesystemStore(Store):
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         if self._share is not None:
             return await self._check_shared([d for d in dedupe(digests) if not is_empty(d)])
-        touch = self._lru.touch
-        return [d for d in dedupe(digests) if not is_empty(d) and not touch(d)]
+        return [d for d in self._lru.touch_missing(digests) if not is_empty(d)]
 
     def find_missing_nowait(self, digests: Sequence[Digest]) -> list[Digest] | None:
         if self._share is not None:
             return self._check_shared_nowait([d for d in dedupe(digests) if not is_empty(d)])
-        touch = self._lru.touch
-        return [d for d in dedupe(digests) if not is_empty(d) and not touch(d)]
+        return [d for d in self._lru.touch_missing(digests) if not is_empty(d)]
 
     @asynccontextmanager
     async def open_read(self, digest: Digest, offset: int = 0) -> AsyncIterator[BlobReader]:

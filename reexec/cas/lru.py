@@ -39,6 +39,17 @@ class LruIndex(Generic[K]):
             return True
         return False
 
+    def touch_missing(self, keys: Iterable[K]) -> list[K]:
+        """`touch` each of `keys`; returns those absent, in order, without duplicates.
+
+        The bulk form of `touch` (FindMissingBlobs asks about thousands at once): one pass in a
+        comprehension instead of a method call per key, duplicates removed among the absent
+        ones only."""
+        sizes = self._sizes
+        move = sizes.move_to_end  # returns None: a present key is touched and left out
+        absent = [k for k in keys if k not in sizes or move(k)]
+        return list(dict.fromkeys(absent)) if absent else absent
+
     def size_of(self, key: K) -> int | None:
         return self._sizes.get(key)
 

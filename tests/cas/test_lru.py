@@ -180,3 +180,19 @@ def test_after_eviction_within_budget_unless_only_pins_remain(
     # Survivors keep their relative order.
     remaining = lru.keys_oldest_first()
     assert remaining == sorted(remaining)
+
+
+@given(
+    stored=st.lists(st.integers(0, 20), unique=True),
+    asked=st.lists(st.integers(0, 25)),
+)
+def test_touch_missing_is_touch_per_key(stored: list[int], asked: list[int]) -> None:
+    """The bulk form answers and reorders exactly as `touch` called key by key."""
+    bulk: LruIndex[int] = LruIndex(0)
+    single: LruIndex[int] = LruIndex(0)
+    for k in stored:
+        bulk.add(k, 1)
+        single.add(k, 1)
+    expected = list(dict.fromkeys(k for k in asked if not single.touch(k)))
+    assert bulk.touch_missing(asked) == expected
+    assert bulk.keys_oldest_first() == single.keys_oldest_first()
