@@ -8,6 +8,8 @@ scheduler (not in `storage`) and, in `serve`, a local worker.
           └─ Daemon.run
              ├─ Scheduler.run            reexec/sched/scheduler.py (when the scheduler is on)
              ├─ UploadTable.run_expiry   discards idle resumable ByteStream uploads
+             ├─ LocalLink.run            serve only: the local worker's in-process Connect
+             │                           streams, each served by WorkerService.serve
              └─ WorkerAgent.run          reexec/sandbox/agent.py (serve only)
 
 The grpclib servers are not tasks of this tree: their handlers are asyncio tasks on the
@@ -36,6 +38,7 @@ from reexec.cas.bytestream_service import ByteStreamService, UploadTable
 from reexec.cas.capabilities_service import CapabilitiesService
 from reexec.cas.cas_service import CasService
 from reexec.cas.factory import build_action_cache, build_store
+from reexec.cas.grpc_store import ChannelFactory
 from reexec.cas.store import Store
 from reexec.daemon.channels import default_worker_id, read_token, unix_channel_factory
 from reexec.daemon.config import Config, ConfigError, WorkerConfig, parse_size
@@ -52,6 +55,7 @@ from reexec.sched.scheduler import Scheduler
 from reexec.sched.service import ExecutionService, OperationsService
 from reexec.sched.state_factory import build_state_store
 from reexec.sched.worker_service import WorkerService
+from reexec.worker_protocol import LocalLink
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,11 @@ def _worker_socket_path(data_dir: Path) -> str:
 class Daemon:
     """The server role. Its parts exist once `run` has started (tests read them)."""
 
+    # How `serve`'s worker reaches the scheduler: "memory" (a LocalLink, no gRPC) or "unix"
+    # (gRPC over a private unix socket, as before the link; kept for the tests comparing the
+    # two).
+    worker_link = "memory"
+
     def __init__(self, config: Config, *, local_worker: bool, role: str | None = None) -> None:
         self.config = config
         self.with_scheduler = config.scheduler.enabled
@@ -174,7 +183,8 @@ class Daemon:
             config, self.cas, self.ac, uploads, self.scheduler, worker_token
         )
         tls = config.server.tls
-        unix_path = _worker_socket_path(Path(config.data_dir)) if self.with_worker else None
+        use_unix = self.with_worker and self.worker_link == "unix"
+        unix_path = _worker_socket_path(Path(config.data_dir)) if use_unix else None
         self.server = server = GrpcServer(
             Servable(self.services, RpcGate()),
             config.server.listen,
@@ -187,8 +197,15 @@ class Daemon:
                 await nursery.start(self.scheduler.run)
             await server.start()
             nursery.start_soon(uploads.run_expiry)
-            if unix_path is not None:
-                self.agent = await self._build_local_worker(unix_path)
+            if self.with_worker:
+                link: LocalLink | ChannelFactory
+                if unix_path is not None:
+                    link = unix_channel_factory(unix_path)
+                else:
+                    link = LocalLink()
+                    workers = next(s for s in self.services if isinstance(s, WorkerService))
+                    await nursery.start(link.run, workers.serve)
+                self.agent = await self._build_local_worker(link)
                 self.agent.settings.token = worker_token
                 await nursery.start(self.agent.run)
             self._describe_status()
@@ -210,13 +227,13 @@ class Daemon:
         )
         return None
 
-    async def _build_local_worker(self, unix_path: str) -> WorkerAgent:
+    async def _build_local_worker(self, link: LocalLink | ChannelFactory) -> WorkerAgent:
         try:
             return await build_worker(
                 self.config.worker,
                 Path(self.config.data_dir),
                 LocalStoreAccess(self.cas),
-                unix_channel_factory(unix_path),
+                link,
                 default_worker_id("-local"),
             )
         except WorkerSetupError as e:
@@ -276,7 +293,8 @@ async def run_daemon(
     POST /drain) has drained it.
 
     `local_worker` (the `serve` role) also runs a worker in this process, connected to the
-    scheduler through a private unix socket and to the CAS in process (hardlinks, no copies).
+    scheduler through an in-process link (the worker protocol's messages over memory channels,
+    no gRPC) and to the CAS in process (hardlinks, no copies).
     `role` names the role in status and logs (`storage`: a node with the scheduler off).
     """
     async with _asyncio_loop():

@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import logging
 import shlex
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from grpclib.client import Channel
@@ -58,8 +60,10 @@ from reexec.sandbox.pending_results import Attempt, PendingResults
 from reexec.worker_protocol import (
     CONNECT,
     WORKER_TOKEN_HEADER,
+    LocalLink,
     SchedulerMessage,
     WorkerMessage,
+    WorkerStream,
 )
 
 log = logging.getLogger(__name__)
@@ -74,10 +78,12 @@ _FIRST_DELAY_S = 0.2
 
 @dataclass(frozen=True)
 class SchedulerEndpoint:
-    """One scheduler the agent may connect to: a name for logs and status, and its channels."""
+    """One scheduler the agent may connect to: a name for logs and status, and its channels,
+    or (`link`) the in-process stream of a scheduler in this process (`reexecd serve`)."""
 
     url: str
-    connect: ChannelFactory
+    connect: ChannelFactory | None = None
+    link: LocalLink | None = None
 
 
 @dataclass
@@ -107,17 +113,19 @@ class WorkerAgent:
         self,
         settings: AgentSettings,
         executor: ActionExecutor,
-        schedulers: Sequence[SchedulerEndpoint] | ChannelFactory,
+        schedulers: Sequence[SchedulerEndpoint] | ChannelFactory | LocalLink,
         *,
         on_connected: Callable[[SchedulerEndpoint], None] | None = None,
     ) -> None:
-        """`schedulers`: the list to rotate through, or one channel factory (`serve`'s local
-        scheduler, named "local"). `on_connected` is called once a session has registered,
+        """`schedulers`: the list to rotate through, or one channel factory or in-process link
+        (`serve`'s local scheduler, named "local"). `on_connected` is called once a session has registered,
         before held results are sent or work is accepted (the worker role points its CAS
         reads at that scheduler)."""
         self.settings = settings
         self.executor = executor
-        if callable(schedulers):
+        if isinstance(schedulers, LocalLink):
+            schedulers = [SchedulerEndpoint("local", link=schedulers)]
+        elif callable(schedulers):
             schedulers = [SchedulerEndpoint("local", schedulers)]
         if not schedulers:
             raise ValueError("a worker needs at least one scheduler")
@@ -234,7 +242,7 @@ class WorkerAgent:
         if stream is not None:
             with trio.move_on_after(5):
                 async with self._send_lock:
-                    await aio(stream.end)
+                    await stream.end()
             with trio.move_on_after(10):
                 await self.stopped.wait()
 
@@ -269,53 +277,42 @@ class WorkerAgent:
     async def _session(self, actions: trio.Nursery, endpoint: SchedulerEndpoint) -> None:
         """Register with `endpoint`, send the held results, then serve until the stream ends
         (raises unless we are going away and the scheduler closed it)."""
-        channel = await endpoint.connect()
-        try:
-            token = self.settings.token
-            async with open_stream(
-                channel,
-                CONNECT,
-                Cardinality.STREAM_STREAM,
-                WorkerMessage,
-                SchedulerMessage,
-                metadata={WORKER_TOKEN_HEADER: token} if token else None,
-            ) as stream:
-                with trio.fail_after(REGISTER_TIMEOUT_S):
-                    await aio(stream.send_message, self._register_message())
-                    hello = await aio(stream.recv_message)
-                if hello is None or hello.WhichOneof("kind") != "registered":
-                    raise ConnectionError("the scheduler did not acknowledge Register")
-                interval = hello.registered.keepalive_interval.ToNanoseconds() / 1e9 or 1.0
-                self._stream = stream
-                self.scheduler_url = endpoint.url
-                self.sessions += 1
-                log.info(
-                    "connected to the scheduler %s as %s (%d running, %d result(s) to send)",
-                    endpoint.url,
-                    self.settings.worker_id,
-                    len(self.running),
-                    len(self.pending),
-                )
-                if self.on_connected is not None:
-                    self.on_connected(endpoint)
-                self.connected.set()
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._keepalive, interval)
-                        self._held = trio.Event()
-                        await self._send_held(endpoint)
-                        nursery.start_soon(self._send_held_later, endpoint)
-                        if self._going_away:
-                            await self._send_going_away()
-                        await self._receive(stream, actions)
-                        nursery.cancel_scope.cancel()
-                finally:
-                    self._stream = None
-                    self.scheduler_url = None
-        finally:
-            close = getattr(channel, "close", None)
-            if close is not None:
-                close()
+        token = self.settings.token
+        async with _open_stream(
+            endpoint, {WORKER_TOKEN_HEADER: token} if token else None
+        ) as stream:
+            with trio.fail_after(REGISTER_TIMEOUT_S):
+                await stream.send_message(self._register_message())
+                hello = await stream.recv_message()
+            if hello is None or hello.WhichOneof("kind") != "registered":
+                raise ConnectionError("the scheduler did not acknowledge Register")
+            interval = hello.registered.keepalive_interval.ToNanoseconds() / 1e9 or 1.0
+            self._stream = stream
+            self.scheduler_url = endpoint.url
+            self.sessions += 1
+            log.info(
+                "connected to the scheduler %s as %s (%d running, %d result(s) to send)",
+                endpoint.url,
+                self.settings.worker_id,
+                len(self.running),
+                len(self.pending),
+            )
+            if self.on_connected is not None:
+                self.on_connected(endpoint)
+            self.connected.set()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keepalive, interval)
+                    self._held = trio.Event()
+                    await self._send_held(endpoint)
+                    nursery.start_soon(self._send_held_later, endpoint)
+                    if self._going_away:
+                        await self._send_going_away()
+                    await self._receive(stream, actions)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._stream = None
+                self.scheduler_url = None
 
     async def _send_held(self, endpoint: SchedulerEndpoint) -> None:
         """Every held result, oldest first, each removed once sent; a result finishing
@@ -368,7 +365,7 @@ class WorkerAgent:
         if stream is None:
             raise ConnectionError("not connected")
         async with self._send_lock:
-            await aio(stream.send_message, msg)
+            await stream.send_message(msg)
 
     async def _keepalive(self, interval: float) -> None:
         while True:
@@ -389,7 +386,7 @@ class WorkerAgent:
             pass
 
     async def _receive(self, stream, actions: trio.Nursery) -> None:  # type: ignore[no-untyped-def]
-        while (msg := await aio(stream.recv_message)) is not None:
+        while (msg := await stream.recv_message()) is not None:
             kind = msg.WhichOneof("kind")
             if kind == "start_execute":
                 await self._accept(msg.start_execute, actions)
@@ -467,6 +464,51 @@ class WorkerAgent:
             del self.running[key]
             if not self.running:
                 self._idle.set()
+
+
+@asynccontextmanager
+async def _open_stream(
+    endpoint: SchedulerEndpoint, metadata: dict[str, str] | None
+) -> AsyncIterator[WorkerStream]:
+    """A Connect stream to `endpoint`: over its in-process link, or gRPC on a new channel
+    (closed with the stream)."""
+    if endpoint.link is not None:
+        async with endpoint.link.connect(metadata) as local:
+            yield local
+        return
+    assert endpoint.connect is not None
+    channel = await endpoint.connect()
+    try:
+        async with open_stream(
+            channel,
+            CONNECT,
+            Cardinality.STREAM_STREAM,
+            WorkerMessage,
+            SchedulerMessage,
+            metadata=metadata,
+        ) as stream:
+            yield _GrpcWorkerStream(stream)
+    finally:
+        close = getattr(channel, "close", None)
+        if close is not None:
+            close()
+
+
+class _GrpcWorkerStream:
+    """A grpclib client stream as a WorkerStream: each call crosses into asyncio."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.metadata: dict[str, str] = {}
+
+    async def send_message(self, msg: Any) -> None:
+        await aio(self._stream.send_message, msg)
+
+    async def recv_message(self) -> Any:
+        return await aio(self._stream.recv_message)
+
+    async def end(self) -> None:
+        await aio(self._stream.end)
 
 
 def _describe(e: BaseException) -> str:

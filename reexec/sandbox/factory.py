@@ -30,6 +30,7 @@ from reexec.sandbox.executor import ActionExecutor, ExecutorSettings
 from reexec.sandbox.local_cas import LocalCas
 from reexec.sandbox.materialize import DirectoryCache
 from reexec.sandbox.runner import NamespaceOptions, check_namespace_support
+from reexec.worker_protocol import LocalLink
 
 
 class WorkerSetupError(Exception):
@@ -45,11 +46,12 @@ async def build_worker(
     wc: WorkerConfig,
     data_dir: Path,
     access: CasAccess,
-    schedulers: Sequence[SchedulerEndpoint] | ChannelFactory,
+    schedulers: Sequence[SchedulerEndpoint] | ChannelFactory | LocalLink,
     default_id: str,
 ) -> WorkerAgent:
     """A ready worker agent (its local cache scanned); `agent.run()` connects and works, to
-    `schedulers` in turn (or the one scheduler a bare channel factory reaches)."""
+    `schedulers` in turn (or the one scheduler a bare channel factory or in-process link
+    reaches)."""
     confinement = await trio.to_thread.run_sync(
         _confinement,
         wc,

@@ -32,7 +32,12 @@ from reexec.rpc import Cardinality, Service, Stream, aio, streaming
 from reexec.sched.scheduler import Scheduler, action_key_of
 from reexec.sched.state import Operation, Outcome, Stage
 from reexec.sched.workers import WorkerState
-from reexec.worker_protocol import WORKER_TOKEN_HEADER, SchedulerMessage, WorkerMessage
+from reexec.worker_protocol import (
+    WORKER_TOKEN_HEADER,
+    SchedulerMessage,
+    WorkerMessage,
+    WorkerStream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +86,14 @@ class WorkerService(Service):
         }
 
     async def connect(self, stream: Stream) -> None:
+        """The gRPC handler of WorkerApi.Connect: `serve` over the grpclib stream."""
+        await self.serve(_GrpcWorkerStream(stream))
+
+    async def serve(self, stream: WorkerStream) -> None:
         """One worker's connection, in its own cancel scope: when the scheduler declares the
         worker lost (keepalive timeout), the scope is cancelled and the stream ends with
-        UNAVAILABLE, so the worker reconnects and registers again."""
+        UNAVAILABLE, so the worker reconnects and registers again. `stream` is a gRPC stream
+        (`connect`) or the scheduler's end of a `LocalLink` (`reexecd serve`'s own worker)."""
         if self._token is not None:
             presented = (stream.metadata.get(WORKER_TOKEN_HEADER) or "").encode()
             if not hmac.compare_digest(presented, self._token):
@@ -91,7 +101,7 @@ class WorkerService(Service):
                     "WorkerApi.Connect: a worker must present the scheduler's worker token "
                     f"({WORKER_TOKEN_HEADER}; scheduler.worker_token_file / worker.token_file)"
                 )
-        first = await aio(stream.recv_message)
+        first = await stream.recv_message()
         if first is None or first.WhichOneof("kind") != "register":
             raise InvalidArgument("the first message on WorkerApi.Connect must be Register")
         reg = first.register
@@ -124,7 +134,7 @@ class WorkerService(Service):
 
     async def _serve(
         self,
-        stream: Stream,
+        stream: WorkerStream,
         worker: WorkerState,
         reg: fastpb.Message,
         outbox: trio.MemoryReceiveChannel[tuple[str, str, int]],
@@ -147,7 +157,7 @@ class WorkerService(Service):
         hello = SchedulerMessage()
         interval = max(self.scheduler.settings.worker_timeout_s / 3, 0.05)
         hello.registered.keepalive_interval.FromNanoseconds(int(interval * 1e9))
-        await aio(stream.send_message, hello)
+        await stream.send_message(hello)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, stream, worker, outbox)
@@ -161,10 +171,10 @@ class WorkerService(Service):
                 raise _first_leaf(unavailable) from None
             raise
 
-    async def _receiver(self, stream: Stream, worker: WorkerState) -> None:
+    async def _receiver(self, stream: WorkerStream, worker: WorkerState) -> None:
         scheduler = self.scheduler
         while True:
-            msg = await aio(stream.recv_message)
+            msg = await stream.recv_message()
             if msg is None:
                 return
             scheduler.worker_seen(worker)
@@ -248,7 +258,7 @@ class WorkerService(Service):
 
     async def _sender(
         self,
-        stream: Stream,
+        stream: WorkerStream,
         worker: WorkerState,
         outbox: trio.MemoryReceiveChannel[tuple[str, str, int]],
     ) -> None:
@@ -256,13 +266,13 @@ class WorkerService(Service):
             if kind == "drain":
                 msg = SchedulerMessage()
                 msg.drain.reason = name
-                await aio(stream.send_message, msg)
+                await stream.send_message(msg)
                 continue
             if kind == "cancel":
                 msg = SchedulerMessage()
                 msg.cancel_execute.operation_name = name
                 msg.cancel_execute.attempt = attempt
-                await aio(stream.send_message, msg)
+                await stream.send_message(msg)
                 continue
             # As this scheduler last saw it (it dispatched it a moment ago); a cancel written
             # by another scheduler since reaches the worker as a cancel right after.
@@ -282,7 +292,7 @@ class WorkerService(Service):
                 )
                 await self.scheduler.finished(worker, name, attempt, outcome, retryable=False)
                 continue
-            await aio(stream.send_message, msg)
+            await stream.send_message(msg)
 
     async def _start_message(self, op: Operation) -> fastpb.Message:
         key: ActionKey = action_key_of(op)
@@ -317,6 +327,23 @@ class WorkerService(Service):
         start.queued_timestamp.FromNanoseconds(int(self.scheduler.wall(op.queued_at) * 1e9))
         start.skip_cache_lookup = op.skip_cache_lookup
         return msg
+
+
+class _GrpcWorkerStream:
+    """A grpclib server stream as a WorkerStream: each call crosses into asyncio."""
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+        self.metadata = stream.metadata
+
+    async def send_message(self, msg: Any) -> None:
+        await aio(self._stream.send_message, msg)
+
+    async def recv_message(self) -> Any:
+        return await aio(self._stream.recv_message)
+
+    async def end(self) -> None:
+        """The handler's return ends the stream (grpclib sends the trailers)."""
 
 
 def _already_disconnected(reason: str) -> None:
