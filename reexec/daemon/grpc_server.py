@@ -174,6 +174,57 @@ class _LargeFrameH2Connection(H2Connection):
         self.max_inbound_frame_size = MAX_INBOUND_FRAME_BYTES
 
 
+# Writes at least this large go out at once (after what is buffered): joining them with small
+# ones would only copy them.
+_COALESCE_MAX_BYTES = 64 << 10
+
+
+class _CoalescingTransport:
+    """The connection's transport, with the writes of one event-loop turn sent together.
+
+    grpclib flushes after each HEADERS, DATA and trailers frame of a response: three send(2)
+    calls per unary RPC, the largest single cost in a profile of small RPCs. Buffered here and
+    flushed by a callback at the end of the turn, a unary response - and the responses of
+    other streams that finished in the same turn - leave in one send. Order is kept; a large
+    write flushes what is buffered first and goes straight through."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._buffer: list[bytes] = []
+        self._flush_scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if len(data) >= _COALESCE_MAX_BYTES:
+            self.flush()
+            self._transport.write(data)
+            return
+        self._buffer.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._buffer:
+            return
+        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+        self._buffer.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+
 class _ServerH2Protocol(H2Protocol):
     """grpclib's HTTP/2 server protocol on a `_LargeFrameH2Connection`.
 
@@ -193,7 +244,11 @@ class _ServerH2Protocol(H2Protocol):
             h2_conn.update_settings(
                 {SettingCodes.INITIAL_WINDOW_SIZE: self.config.http2_stream_window_size}
             )
-        self.connection = Connection(h2_conn, transport, config=self.config)  # type: ignore[arg-type]
+        self.connection = Connection(
+            h2_conn,
+            _CoalescingTransport(transport),  # type: ignore[arg-type]
+            config=self.config,
+        )
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
