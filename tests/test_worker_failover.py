@@ -638,3 +638,40 @@ async def test_worker_process_leaves_a_stopped_scheduler(aio_loop, tmp_path):
         finally:
             if w.returncode is None:
                 assert w.stop() == 0
+
+
+# -- phase reports ------------------------------------------------------------------------------
+
+
+class PhasedExecutor(FakeExecutor):
+    """Reports a phase at once, another after `pause` seconds, then finishes."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__()
+        self.pause = pause
+
+    async def execute(self, start: Any, progress: Any) -> Any:
+        await progress(1)
+        await trio.sleep(self.pause)
+        await progress(2)
+        self.finish(start.operation_name)
+        return await super().execute(start, progress)
+
+
+async def test_phase_reports_only_once_the_last_report_is_old(aio_loop, nursery):
+    """A phase change a moment after the dispatch (or the last report) is not sent: the
+    scheduler keeps only the time of the last report, and the keepalive reports anyway."""
+    from reexec.sandbox.agent import PHASE_REPORT_MIN_INTERVAL_S
+
+    b = FakeScheduler(keepalive_s=60)  # no keepalive reports during the test
+    await b.start()
+    executor = PhasedExecutor(pause=PHASE_REPORT_MIN_INTERVAL_S + 0.1)
+    agent = make_agent([b.url], executor)
+    await start_agent(nursery, agent)
+    with trio.fail_after(10):
+        await b.registered.wait()
+    b.start_execute("op1")
+    await wait_for(lambda: b.finished == [("op1", 1)])
+    phases = [m.phase for kind, m in b.received if kind == "progress"]
+    assert phases == [2]
+    await b.stop()

@@ -101,11 +101,21 @@ class AgentSettings:
     max_pending_bytes: int = 64 * 1024 * 1024
 
 
+# An executor's phase change (fetching, executing, uploading) is reported to the scheduler only
+# when the attempt's last report is at least this old. The scheduler keeps only the time of the
+# last report (its no-progress timeout, minutes), and the keepalive reports every running
+# attempt each interval anyway; a report per phase cost a message and a record write per phase
+# (three per action), most of them milliseconds apart.
+PHASE_REPORT_MIN_INTERVAL_S = 1.0
+
+
 @dataclass
 class _Running:
     name: str
     attempt: int
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # When the scheduler last heard of this attempt (its dispatch counts as a report).
+    reported_at: float = field(default_factory=trio.current_time)
 
 
 class WorkerAgent:
@@ -380,6 +390,7 @@ class WorkerAgent:
         msg = WorkerMessage()
         p = msg.progress
         p.operation_name, p.attempt, p.phase = r.name, r.attempt, phase
+        r.reported_at = trio.current_time()
         try:
             await self._send(msg)
         except Exception:
@@ -446,7 +457,8 @@ class WorkerAgent:
             with r.scope:
 
                 async def progress(phase: int) -> None:
-                    await self._progress(r, phase)
+                    if trio.current_time() - r.reported_at >= PHASE_REPORT_MIN_INTERVAL_S:
+                        await self._progress(r, phase)
 
                 msg = await self.executor.execute(start, progress)
             if msg is None or r.scope.cancelled_caught:
