@@ -43,6 +43,8 @@ ARGV = ["/bin/true"]
 CONFIG = """
 [worker]
 max_inflight_tasks = 2
+[worker.sandbox]
+confinement = "{confinement}"
 """
 RE = "/build.bazel.remote.execution.v2"
 
@@ -117,6 +119,33 @@ async def run_action(client: Client, a: ActionBlobs) -> None:
     resp = fastpb.ExecuteResponse()
     last.response.Unpack(resp)
     assert resp.status.code == 0 and resp.result.exit_code == 0, resp
+    PHASES.append(_phases(resp.result.execution_metadata))
+
+
+# Per action, from ExecutedActionMetadata (server clock): where the wall time of an action goes.
+PHASE_NAMES = ("queued", "inputs", "run", "outputs", "worker total")
+PHASES: list[tuple[float, ...]] = []
+
+
+def _phases(m: fastpb.Message) -> tuple[float, ...]:
+    def t(ts: fastpb.Message) -> float:
+        return ts.seconds + ts.nanos / 1e9
+
+    return (
+        t(m.worker_start_timestamp) - t(m.queued_timestamp),
+        t(m.input_fetch_completed_timestamp) - t(m.worker_start_timestamp),
+        t(m.execution_completed_timestamp) - t(m.execution_start_timestamp),
+        t(m.output_upload_completed_timestamp) - t(m.execution_completed_timestamp),
+        t(m.worker_completed_timestamp) - t(m.worker_start_timestamp),
+    )
+
+
+def phase_summary(rows: list[tuple[float, ...]]) -> str:
+    cols = list(zip(*rows, strict=True))
+    return ", ".join(
+        f"{name} p50 {1000 * percentile(list(c), 50):.2f} ms"
+        for name, c in zip(PHASE_NAMES, cols, strict=True)
+    )
 
 
 async def drive(clients: list[Client], actions: list[ActionBlobs], concurrency: int) -> list[float]:
@@ -167,11 +196,14 @@ async def bench(args: argparse.Namespace) -> None:
     }
     warm = [ActionBlobs(shared, f"{run_id}-w{i}") for i in range(20)]
     results = {}
-    with reexecd("serve", CONFIG, name="serve") as server:
+    print(f"worker.sandbox.confinement = {args.confinement!r}")
+    config = CONFIG.replace("{confinement}", args.confinement)
+    with reexecd("serve", config, name="serve") as server:
         clients = [Client(server.port) for _ in range(args.channels)]
         try:
             await drive(clients, warm, args.concurrency)
             for name, actions in phases.items():
+                PHASES.clear()
                 with CpuMeter(server) as m:
                     lat = await drive(clients, actions, args.concurrency)
                 rate = len(lat) / m.wall
@@ -184,6 +216,7 @@ async def bench(args: argparse.Namespace) -> None:
                     f"(main thread {1000 * m.server_main_cpu / len(lat):.2f} ms)",
                     flush=True,
                 )
+                print(f"{'':8s}  per action on the server: {phase_summary(PHASES)}", flush=True)
         finally:
             for c in clients:
                 c.channel.close()
@@ -233,6 +266,13 @@ def main() -> None:
     p.add_argument("--actions", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--channels", type=int, default=2)
+    p.add_argument(
+        "--confinement",
+        choices=["host", "input_root", "off"],
+        default="host",
+        help="the local worker's confinement (default: host, the default config; bubblewrap "
+        "alone costs 5-9 ms per action here, see bench/confine_overhead.py)",
+    )
     asyncio.run(bench(p.parse_args()))
 
 
