@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio_asyncio
 import zstandard
 
 from reexec import fastpb, rpc
@@ -65,6 +66,41 @@ async def recv_batch(stream: Stream, into: list[Any], max_bytes: int = WRITE_BAT
         n += len(m.data)
         if n >= max_bytes:
             return
+
+
+def _continues(batch: Sequence[Any]) -> bool:
+    """Whether more messages may follow a batch (it ended with neither the stream's end nor
+    finish_write)."""
+    last = batch[-1]
+    return last is not None and not last.finish_write
+
+
+class _ReceiveAhead:
+    """The next batch of Write messages, received by an asyncio task on grpclib's side while
+    the Trio side works on the current one. Owned by one Write handler, which takes `result`
+    or calls `cancel`."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.batch: list[Any] = []
+        self._task = trio_asyncio.current_loop.get().create_task(recv_batch(stream, self.batch))
+
+    async def result(self) -> tuple[list[Any], BaseException | None]:
+        """The batch, and the error that broke the stream if it broke after some of it
+        arrived (a break before any message is raised)."""
+        try:
+            await trio_asyncio.run_aio_future(self._task)
+        except BaseException as e:
+            if not self.batch:
+                raise
+            return self.batch, e
+        return self.batch, None
+
+    def cancel(self) -> None:
+        if self._task.done():
+            if not self._task.cancelled():
+                self._task.exception()  # retrieved: asyncio would log it as never retrieved
+        else:
+            self._task.cancel()
 
 
 @dataclass
@@ -427,8 +463,16 @@ class ByteStreamService(Service):
         upload.busy = True
         try:
             while True:
-                with trio.CancelScope(shield=broken is not None):
-                    finished = await self._apply(upload, key, batch)
+                # The next batch is received while this one is hashed and written (threads):
+                # on two cores an upload then costs about the larger of the two, not their sum.
+                ahead = _ReceiveAhead(stream) if broken is None and _continues(batch) else None
+                try:
+                    with trio.CancelScope(shield=broken is not None):
+                        finished = await self._apply(upload, key, batch)
+                except BaseException:
+                    if ahead is not None:
+                        ahead.cancel()
+                    raise
                 if broken is not None:
                     raise broken
                 if finished:
@@ -437,24 +481,11 @@ class ByteStreamService(Service):
                     size = upload.committed_size if compressed else digest.size
                     await aio(stream.send_message, fastpb.WriteResponse(committed_size=size))
                     return
-                batch, broken = await self._recv(stream)
+                # Not finished: the batch ended with a data message, so `ahead` was started.
+                assert ahead is not None
+                batch, broken = await ahead.result()
         finally:
             upload.busy = False
-
-    @staticmethod
-    async def _recv(
-        stream: Stream, max_bytes: int = WRITE_BATCH
-    ) -> tuple[list[Any], BaseException | None]:
-        """The next batch of Write messages (one crossing), and the error that broke the stream
-        if it broke after some of them arrived."""
-        batch: list[Any] = []
-        try:
-            await aio(recv_batch, stream, batch, max_bytes)
-        except BaseException as e:
-            if not batch:
-                raise
-            return batch, e
-        return batch, None
 
     async def _apply(self, upload: Upload, key: str, batch: list[Any]) -> bool:
         """Feed a batch's data to the upload; commit on finish_write. Returns whether it did."""

@@ -32,7 +32,10 @@ from tests.hardening.conftest import (
 )
 
 STORE_METHODS = ("find_missing", "open_read", "open_write", "has", "get_bytes", "put_bytes",
-                 "local_files", "get", "put")  # fmt: skip
+                 "local_files", "get", "put",
+                 # the fast paths' synchronous twins (reexec/cas/store.py)
+                 "find_missing_nowait", "get_bytes_nowait", "put_bytes_nowait",
+                 "get_nowait")  # fmt: skip
 
 
 class FailingStore:
