@@ -99,6 +99,14 @@ def serve_instrumented(out_path: str, argv: list[str]) -> int:
 
     sched_mod.Scheduler.apply = apply  # type: ignore[method-assign]
     ws.WorkerService._start_message = start_message  # type: ignore[method-assign]
+    # --without (diagnostic): turn fast paths off to measure what each one saves.
+    without = set(filter(None, os.environ.get("BENCH_SCHED_WITHOUT", "").split(",")))
+    if "batch" in without:  # the sender sends one message per crossing
+        ws.SEND_BATCH = 1
+    if "blobs" in without:  # StartExecute reads the Action and Command from the CAS again
+        from reexec.sched.action_blobs import ActionBlobs
+
+        ActionBlobs.put = lambda self, digest, action, command: None  # type: ignore[method-assign]
     try:
         return main(argv)
     finally:
@@ -251,6 +259,9 @@ async def bench(args: argparse.Namespace) -> None:
         f"over {args.channels} channels, {args.workers} fake workers x {args.slots} slots",
         flush=True,
     )
+    if args.without:
+        os.environ["BENCH_SCHED_WITHOUT"] = args.without  # read by the server it starts
+        print(f"server fast paths turned off: {args.without}", flush=True)
     fd, stats_path = tempfile.mkstemp(prefix="reexec-bench-sched-", suffix=".json")
     os.close(fd)
     launcher = [SCRIPT, "--serve-instrumented", stats_path]
@@ -406,6 +417,12 @@ def main() -> None:
     p.add_argument("--caps-seconds", type=float, default=5.0)
     p.add_argument("--light-actions", type=int, default=500)
     p.add_argument("--light-concurrency", type=int, default=1)
+    p.add_argument(
+        "--without",
+        default="",
+        help="comma-separated fast paths to turn off in the server (diagnostic): batch "
+        "(one StartExecute per crossing), blobs (StartExecute re-reads the Action and Command)",
+    )
     p.add_argument(
         "--cas",
         choices=["filesystem", "memory"],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -31,6 +31,10 @@ class WorkerStream(Protocol):
     metadata: Mapping[str, str]
 
     async def send_message(self, msg: Any) -> None: ...
+
+    async def send_messages(self, msgs: Sequence[Any]) -> None:
+        """Several messages in order, as one operation where the transport allows."""
+        ...
 
     async def recv_message(self) -> Any: ...
 
@@ -71,6 +75,10 @@ class LocalStream:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise LinkClosed("the other end of the stream is gone") from None
         await trio.lowlevel.checkpoint()
+
+    async def send_messages(self, msgs: Sequence[Any]) -> None:
+        for msg in msgs:
+            await self.send_message(msg)
 
     async def recv_message(self) -> Any:
         try:

@@ -516,6 +516,10 @@ class _GrpcWorkerStream:
     async def send_message(self, msg: Any) -> None:
         await aio(self._stream.send_message, msg)
 
+    async def send_messages(self, msgs: Sequence[Any]) -> None:
+        for msg in msgs:
+            await self.send_message(msg)
+
     async def recv_message(self) -> Any:
         return await aio(self._stream.recv_message)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # Forgetting a lost worker writes its attempts' records; bounded, as it runs shielded.
 LOST_TIMEOUT_S = 10.0
+# At most this many outbox entries are sent together.
+SEND_BATCH = 64
 
 
 def _outcome_of(finished: fastpb.Message, worker_id: str) -> tuple[Outcome, int | None]:
@@ -262,37 +265,54 @@ class WorkerService(Service):
         worker: WorkerState,
         outbox: trio.MemoryReceiveChannel[tuple[str, str, int]],
     ) -> None:
-        async for kind, name, attempt in outbox:
-            if kind == "drain":
-                msg = SchedulerMessage()
-                msg.drain.reason = name
-                await stream.send_message(msg)
-                continue
-            if kind == "cancel":
-                msg = SchedulerMessage()
-                msg.cancel_execute.operation_name = name
-                msg.cancel_execute.attempt = attempt
-                await stream.send_message(msg)
-                continue
-            # As this scheduler last saw it (it dispatched it a moment ago); a cancel written
-            # by another scheduler since reaches the worker as a cancel right after.
-            op = self.scheduler.peek(name) or await self.scheduler.store.get(name)
-            if op is None or op.stage is not Stage.EXECUTING or op.attempt != attempt:
-                # Cancelled or requeued before it was sent: the worker will never report this
-                # attempt, so its slot is freed here.
-                self.scheduler.release(worker, name, attempt)
-                continue
-            try:
-                msg = await self._start_message(op)
-            except FailedPrecondition as e:
-                outcome = Outcome(
-                    status=e.status,
-                    message=e.message,
-                    status_details=_precondition_details(e.violations),
-                )
-                await self.scheduler.finished(worker, name, attempt, outcome, retryable=False)
-                continue
-            await stream.send_message(msg)
+        """Sends what the outbox holds, in order; everything waiting there at once (a dispatch
+        fills a worker's free slots in one go) is sent together, one crossing into grpclib."""
+        async for item in outbox:
+            batch = [item]
+            while len(batch) < SEND_BATCH:
+                try:
+                    batch.append(outbox.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            messages = []
+            for kind, name, attempt in batch:
+                msg = await self._message(worker, kind, name, attempt)
+                if msg is not None:
+                    messages.append(msg)
+            if messages:
+                await stream.send_messages(messages)
+
+    async def _message(
+        self, worker: WorkerState, kind: str, name: str, attempt: int
+    ) -> fastpb.Message | None:
+        """The message for one outbox entry, or None if there is nothing to send any more."""
+        if kind == "drain":
+            msg = SchedulerMessage()
+            msg.drain.reason = name
+            return msg
+        if kind == "cancel":
+            msg = SchedulerMessage()
+            msg.cancel_execute.operation_name = name
+            msg.cancel_execute.attempt = attempt
+            return msg
+        # As this scheduler last saw it (it dispatched it a moment ago); a cancel written
+        # by another scheduler since reaches the worker as a cancel right after.
+        op = self.scheduler.peek(name) or await self.scheduler.store.get(name)
+        if op is None or op.stage is not Stage.EXECUTING or op.attempt != attempt:
+            # Cancelled or requeued before it was sent: the worker will never report this
+            # attempt, so its slot is freed here.
+            self.scheduler.release(worker, name, attempt)
+            return None
+        try:
+            return await self._start_message(op)
+        except FailedPrecondition as e:
+            outcome = Outcome(
+                status=e.status,
+                message=e.message,
+                status_details=_precondition_details(e.violations),
+            )
+            await self.scheduler.finished(worker, name, attempt, outcome, retryable=False)
+            return None
 
     async def _start_message(self, op: Operation) -> fastpb.Message:
         key: ActionKey = action_key_of(op)
@@ -338,6 +358,18 @@ class _GrpcWorkerStream:
 
     async def send_message(self, msg: Any) -> None:
         await aio(self._stream.send_message, msg)
+
+    async def send_messages(self, msgs: Sequence[Any]) -> None:
+        if len(msgs) == 1:
+            await aio(self._stream.send_message, msgs[0])
+            return
+        send = self._stream.send_message
+
+        async def send_all() -> None:
+            for msg in msgs:
+                await send(msg)
+
+        await aio(send_all)
 
     async def recv_message(self) -> Any:
         return await aio(self._stream.recv_message)
