@@ -62,16 +62,11 @@ async def run_confined(
     watch = NamespaceWatch()
     fds: list[int] = []
     try:
-        if user is not None:
-            await trio.to_thread.run_sync(_reachable, spec)
-        fds = await trio.to_thread.run_sync(_open_outputs, request)
+        fds, error = await trio.to_thread.run_sync(_prepare, request, spec, user)
         started_at = time.time()
-        if spec.mode is ConfineMode.HOST:
-            error = await trio.to_thread.run_sync(_exec_problem, request, user)
-            if error is not None:
-                await trio.to_thread.run_sync(_write, fds[-1], error[1])
-                code = 127 if error[0] in (errno.ENOENT, errno.ENOTDIR) else 126
-                return RunResult(code, False, started_at, time.time(), error=error[1])
+        if error is not None:  # already written to the stderr file
+            code = 127 if error[0] in (errno.ENOENT, errno.ENOTDIR) else 126
+            return RunResult(code, False, started_at, time.time(), error=error[1])
         try:
             argv = as_user(user)
         except FileNotFoundError as e:
@@ -218,6 +213,26 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def _prepare(
+    request: RunRequest, spec: ConfineSpec, user: HostUser | None
+) -> tuple[list[int], tuple[int, str] | None]:
+    """Everything before the spawn that touches the file system, in one thread hop: the exec
+    root reachable for `user`, the output files opened, and (host mode) argv[0] looked up. A
+    command that cannot be executed gets its error written to its stderr file and returned."""
+    if user is not None:
+        _reachable(spec)
+    fds = _open_outputs(request)
+    try:
+        error = _exec_problem(request, user) if spec.mode is ConfineMode.HOST else None
+        if error is not None:
+            _write(fds[-1], error[1])
+    except BaseException:
+        for fd in set(fds):
+            os.close(fd)
+        raise
+    return fds, error
 
 
 def _reachable(spec: ConfineSpec) -> None:

@@ -5,7 +5,8 @@ those are the cache's files, and in `reexecd serve` possibly the CAS store's too
 size, mode or type changed is broken; a changed mtime alone is not proof (the CAS store touches
 blobs that share the inode when it reads them), so such files are hashed again.
 
-A worker thread inspects the files and returns its verdict; the Trio thread then forgets the
+A worker thread inspects the files and returns its verdict (a few files whose mtimes did not
+move are inspected on the Trio thread: a few lstat calls cost less than the hop); the Trio thread then forgets the
 broken entries and removes their files (`CacheIndex.retire`, so nothing can be fetched into
 the path while it is removed), and has the CAS drop blobs that were the very same inode.
 The inspection is bounded by `timeout_s`: entries it could not prove intact in time are
@@ -37,8 +38,26 @@ class Verdict:
     """Intact entries whose mtime moved (proven by hashing)."""
 
 
+# Actions with at most this many linked inputs have them inspected on the Trio thread: one
+# lstat each (microseconds) costs less than the hop to a worker thread. A file that must be
+# hashed again (its mtime moved) sends the whole inspection to the thread.
+INLINE_MAX_FILES = 64
+
+
 def inspect_sync(items: list[tuple[Entry, str, int | None]]) -> Verdict:
     """Judge each (entry, path, recorded mtime); file-system work only (a worker thread)."""
+    verdict = _inspect(items, hash_moved=True)
+    assert verdict is not None
+    return verdict
+
+
+def inspect_quick(items: list[tuple[Entry, str, int | None]]) -> Verdict | None:
+    """`inspect_sync` without hashing, for the Trio thread: None as soon as a file would have to
+    be hashed (then `inspect_sync` must judge them in a thread)."""
+    return _inspect(items, hash_moved=False)
+
+
+def _inspect(items: list[tuple[Entry, str, int | None]], *, hash_moved: bool) -> Verdict | None:
     verdict = Verdict()
     for e, path, recorded in items:
         try:
@@ -51,11 +70,15 @@ def inspect_sync(items: list[tuple[Entry, str, int | None]]) -> Verdict:
             not stat.S_ISREG(st.st_mode)
             or st.st_size != e.digest.size
             or st.st_mode & 0o7777 != e.mode
-            or (moved and not content_matches(path, e.digest))
         ):
             verdict.broken[e] = (st.st_dev, st.st_ino)
         elif moved:
-            verdict.new_mtimes[e] = st.st_mtime_ns
+            if not hash_moved:
+                return None
+            if content_matches(path, e.digest):
+                verdict.new_mtimes[e] = st.st_mtime_ns
+            else:
+                verdict.broken[e] = (st.st_dev, st.st_ino)
     return verdict
 
 
@@ -69,10 +92,11 @@ class TamperChecker:
         """Remove every entry whose file changed; returns those entries."""
         index = self.index
         items = [(e, index.path_str(e), index.recorded_mtime(e)) for e in dict.fromkeys(entries)]
-        verdict: Verdict | None = None
-        with trio.move_on_after(timeout_s):
-            # Abandoning the thread on timeout is safe: it only reads files.
-            verdict = await trio.to_thread.run_sync(inspect_sync, items, abandon_on_cancel=True)
+        verdict = inspect_quick(items) if len(items) <= INLINE_MAX_FILES else None
+        if verdict is None:
+            with trio.move_on_after(timeout_s):
+                # Abandoning the thread on timeout is safe: it only reads files.
+                verdict = await trio.to_thread.run_sync(inspect_sync, items, abandon_on_cancel=True)
         if verdict is None:
             log.warning(
                 "checking %d input file(s) took over %gs: dropping them from the cache",
