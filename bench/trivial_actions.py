@@ -16,6 +16,7 @@
 Target: >= 150 actions/s (shared inputs).
 
 Usage: .venv/bin/python bench/trivial_actions.py [--actions 200] [--concurrency 8]
+           [--confinement host|input_root|off] [--without link,phases,blobs,tamper]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from reexec import fastpb
 from reexec.rpc import StatusDetailsCodec
 
 TARGET = 150.0
+SCRIPT = str(Path(__file__).resolve())
 ARGV = ["/bin/true"]
 CONFIG = """
 [worker]
@@ -179,6 +181,41 @@ def local_baseline(n: int, parallel: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+# --without (diagnostic): the server's fast paths to turn off, to measure what each one saves.
+WITHOUT = {
+    "link": "serve's worker over gRPC on a unix socket instead of the in-process LocalLink",
+    "phases": "a Progress message (and record write) for every phase of every action",
+    "blobs": "StartExecute re-reads the Action and Command from the CAS",
+    "tamper": "input tamper checks always in a worker thread",
+}
+
+
+def serve_patched(argv: list[str]) -> int:
+    """The server side of --without: patch, then run reexecd unchanged."""
+    import trio_asyncio  # noqa: F401  (before grpclib, as reexec.daemon.cli does)
+
+    from reexec.daemon.cli import main
+
+    without = set(filter(None, os.environ.get("BENCH_WITHOUT", "").split(",")))
+    if "link" in without:
+        from reexec.daemon.app import Daemon
+
+        Daemon.worker_link = "unix"
+    if "phases" in without:
+        from reexec.sandbox import agent
+
+        agent.PHASE_REPORT_MIN_INTERVAL_S = 0.0
+    if "blobs" in without:
+        from reexec.sched.action_blobs import ActionBlobs
+
+        ActionBlobs.put = lambda self, digest, action, command: None  # type: ignore[method-assign]
+    if "tamper" in without:
+        from reexec.sandbox import tamper_checker
+
+        tamper_checker.INLINE_MAX_FILES = 0
+    return main(argv)
+
+
 def small_files(tag: str) -> list[bytes]:
     return [f"input {tag} {i}\n".encode() + os.urandom(40) for i in range(10)]
 
@@ -198,7 +235,15 @@ async def bench(args: argparse.Namespace) -> None:
     results = {}
     print(f"worker.sandbox.confinement = {args.confinement!r}")
     config = CONFIG.replace("{confinement}", args.confinement)
-    with reexecd("serve", config, name="serve") as server:
+    launcher: tuple[str, ...] = ("-m", "reexec.daemon")
+    if args.without:
+        unknown = set(args.without.split(",")) - set(WITHOUT)
+        if unknown:
+            raise SystemExit(f"--without: unknown {sorted(unknown)}; known: {sorted(WITHOUT)}")
+        os.environ["BENCH_WITHOUT"] = args.without
+        launcher = (SCRIPT, "--serve-patched")
+        print(f"server fast paths turned off: {args.without}")
+    with reexecd("serve", config, name="serve", launcher=launcher) as server:
         clients = [Client(server.port) for _ in range(args.channels)]
         try:
             await drive(clients, warm, args.concurrency)
@@ -262,10 +307,18 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-patched":
+        sys.exit(serve_patched(sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--actions", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--channels", type=int, default=2)
+    p.add_argument(
+        "--without",
+        default="",
+        help="comma-separated server fast paths to turn off (diagnostic): "
+        + "; ".join(f"{k}: {v}" for k, v in WITHOUT.items()),
+    )
     p.add_argument(
         "--confinement",
         choices=["host", "input_root", "off"],
