@@ -62,6 +62,7 @@ from reexec.cas.store import (
     check_offset,
     dedupe,
 )
+from reexec.cas.write_cost import WriteCost
 from reexec.errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class FilesystemStore(Store):
         # Renames into blobs/ and unlinks of evicted blobs are serialised so an eviction's
         # unlink can never remove a file that a concurrent upload just renamed into place.
         self._mutate = trio.Lock()
+        # Where small blobs are written: on the event loop while that is cheap, else a thread.
+        self.write_cost = WriteCost()
         self._started = False
         # Blobs dropped from the index other than by eviction (file vanished, discarded):
         # with the LRU's eviction count, lets callers tell that no blob has left since.
@@ -684,8 +687,10 @@ class FilesystemStore(Store):
             await self._put_shared(digest, data)
             return
         async with self._mutate:
-            if digest.size <= INLINE_IO_LIMIT:
-                self._write_whole(digest, data)
+            if digest.size <= INLINE_IO_LIMIT and self.write_cost.inline():
+                self.write_cost.note(self._write_small(digest, data))
+            elif digest.size <= INLINE_IO_LIMIT:
+                self.write_cost.note(await trio.to_thread.run_sync(self._write_small, digest, data))
             else:
                 await trio.to_thread.run_sync(self._write_whole, digest, data)
             await self._add(digest)
@@ -697,6 +702,7 @@ class FilesystemStore(Store):
         if (
             self._share is not None
             or digest.size > INLINE_IO_LIMIT
+            or not self.write_cost.inline()
             or self._mutate.locked()
             or self._lru.over_capacity(digest.size)
         ):
@@ -708,16 +714,20 @@ class FilesystemStore(Store):
             )
         if is_empty(digest) or self._lru.touch(digest):
             return True
-        self._write_whole(digest, data)
+        self.write_cost.note(self._write_small(digest, data))
         self._lru.add(digest, digest.size)
         return True
 
     async def _put_shared(self, digest: Digest, data: bytes) -> None:
         # The temp file is written without the lock: only the rename needs it.
-        if digest.size <= INLINE_IO_LIMIT:
+        started = time.perf_counter()
+        if digest.size <= INLINE_IO_LIMIT and self.write_cost.inline():
             tmp, mtime = self._write_temp(digest, data)
         else:
             tmp, mtime = await trio.to_thread.run_sync(self._write_temp, digest, data)
+        if digest.size <= INLINE_IO_LIMIT:
+            # Measured around the hop too: a rough figure, enough to come back once cheap.
+            self.write_cost.note(time.perf_counter() - started)
         await self._install_or_remove(tmp, digest, mtime)
 
     async def _install_or_remove(self, tmp: str, digest: Digest, mtime: int | None) -> None:
@@ -730,6 +740,12 @@ class FilesystemStore(Store):
             if not taken:
                 with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
                     await trio.to_thread.run_sync(_remove_quietly, tmp, abandon_on_cancel=True)
+
+    def _write_small(self, digest: Digest, data: bytes) -> float:
+        """`_write_whole`; returns how long it took, for `write_cost`."""
+        started = time.perf_counter()
+        self._write_whole(digest, data)
+        return time.perf_counter() - started
 
     def _write_whole(self, digest: Digest, data: bytes) -> None:
         tmp, _ = self._write_temp(digest, data)

@@ -362,3 +362,26 @@ async def test_a_short_write_never_installs_a_truncated_blob(tmp_path, monkeypat
     assert not store.blob_path(digest).exists()
     await store.put_bytes(digest, data)  # space is back
     assert await store.get_bytes(digest) == data
+
+
+async def test_small_writes_go_to_a_thread_while_the_disk_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FilesystemStore(tmp_path / "cas", 1 << 20)
+    await store.start()
+    hops: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(fn)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    fast, slow = blob(100, 1), blob(100, 2)
+    assert store.put_bytes_nowait(digest_of(fast), fast)  # cheap so far: on the loop
+    store.write_cost.average_s = 1e-3  # as if the last writes took 1 ms each
+    assert not store.put_bytes_nowait(digest_of(slow), slow)  # declined: nothing written
+    assert await store.find_missing([digest_of(slow)]) == [digest_of(slow)]
+    await store.put_bytes(digest_of(slow), slow)
+    assert store._write_small in hops
+    assert await store.get_bytes(digest_of(slow)) == slow
