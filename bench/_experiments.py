@@ -62,7 +62,22 @@ KNOWN = {
     "fmbeager",
     "digestnew",
     "gar",
+    "gcfreeze",
+    "nogc",
 }
+
+
+def patch_gcfreeze() -> None:
+    import gc
+
+    gc.freeze()  # what was allocated at start-up is never scanned again
+    gc.set_threshold(50_000, 50, 1000)
+
+
+def patch_nogc() -> None:
+    import gc
+
+    gc.disable()
 
 
 def patch_malloc() -> None:
@@ -464,6 +479,8 @@ def apply(patches: set[str]) -> None:
         raise SystemExit(f"unknown BENCH_PATCHES: {', '.join(sorted(unknown))}")
     # Order matters where one patch wraps another (smallwrite wraps batch).
     for name in (
+        "gcfreeze",
+        "nogc",
         "malloc",
         "repr",
         "frame",

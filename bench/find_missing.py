@@ -45,7 +45,7 @@ from reexec.cas.factory import build_store
 from reexec.daemon.config import Config
 from reexec.gen.build.bazel.remote.execution import v2 as re
 
-TARGET_MS = 25.0
+TARGET_MS = 15.0
 BATCH = 1000
 
 
@@ -212,18 +212,26 @@ def main() -> None:
                 [
                     "end to end p50 (subprocess, loopback)",
                     e2e["p50_ms"],
-                    f"betterproto2 codec {bp2_ms:.0f} ms",
-                    f"{e2e['p50_ms'] / bp2_ms:.2f}x",
-                    f"<= {TARGET_MS:.0f} ms",
-                    "yes" if e2e["p50_ms"] <= TARGET_MS else "no",
+                    f"fastpb codec {fast_ms:.2f} ms",
+                    f"{e2e['p50_ms'] / fast_ms:.1f}x",
+                    "-",
+                    "-",
                 ],
                 [
-                    "end to end p90",
+                    "end to end p90 (issue 13's row)",
                     e2e["p90_ms"],
-                    "-",
-                    "-",
+                    f"fastpb codec {fast_ms:.2f} ms",
+                    f"{e2e['p90_ms'] / fast_ms:.1f}x",
                     f"<= {TARGET_MS:.0f} ms",
                     "yes" if e2e["p90_ms"] <= TARGET_MS else "no",
+                ],
+                [
+                    "(betterproto2 decode+encode, for scale)",
+                    bp2_ms,
+                    "-",
+                    "-",
+                    "-",
+                    "-",
                 ],
             ],
         )

@@ -41,7 +41,7 @@ from _common import (
 from reexec import fastpb
 
 BLOB = 4096
-TARGET = 1500.0
+TARGET = 1800.0
 
 
 def make_blobs(n: int) -> list[tuple[bytes, str]]:
