@@ -36,6 +36,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -210,6 +211,20 @@ class FakeWorker:
             raise
 
 
+# Operation messages received per stage (the Execute streams' share of the server's messages).
+STAGES: Counter[str] = Counter()
+
+
+def _stage(op) -> str:  # type: ignore[no-untyped-def]
+    from reexec import fastpb
+
+    meta = fastpb.message_class(f"{REAPI}.ExecuteOperationMetadata")()
+    op.metadata.Unpack(meta)
+    return {0: "UNKNOWN", 1: "CACHE_CHECK", 2: "QUEUED", 3: "EXECUTING", 4: "COMPLETED"}.get(
+        meta.stage, str(meta.stage)
+    )
+
+
 async def run_executes(clients: list[AioClient], digests: list, concurrency: int) -> list[float]:
     from reexec import fastpb
 
@@ -225,6 +240,7 @@ async def run_executes(clients: list[AioClient], digests: list, concurrency: int
             last = None
             async for op in client.execute(req):
                 last = op
+                STAGES[_stage(op)] += 1
             latencies.append(time.perf_counter() - t0)
             assert last is not None and last.done, last
             resp = execute_response(last)
@@ -294,9 +310,14 @@ async def bench(args: argparse.Namespace) -> None:
             caps_rate = caps / caps_m.wall
             print(f"GetCapabilities: {caps_rate:,.0f}/s ({caps_m.summary()})", flush=True)
 
+            STAGES.clear()
             with CpuMeter(server) as m:
                 latencies = await run_executes(clients, digests, args.concurrency)
             rate = len(latencies) / m.wall
+            per = ", ".join(f"{k} {v / len(latencies):.2f}" for k, v in sorted(STAGES.items()))
+            print(
+                f"Operation messages per Execute: {sum(STAGES.values()) / len(latencies):.2f} ({per})"
+            )
             us = 1e6 * m.server_cpu / len(latencies)
             print(
                 f"Execute: {len(latencies):,} in {m.wall:.1f}s = {rate:,.0f} actions/s "
