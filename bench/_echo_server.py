@@ -2,7 +2,8 @@
 
 It serves the same RPC shapes as reexecd with the same fastpb message classes, but the handlers
 do no work: FindMissingBlobs answers "nothing missing", Write drains its stream and reports the
-declared size, Read sends one fixed 4 KiB chunk, GetActionResult returns a fixed ActionResult,
+declared size, Read sends one fixed 4 KiB chunk (or, for a resource name whose size is larger,
+that many zero bytes in 1 MiB responses), GetActionResult returns a fixed ActionResult,
 GetCapabilities a fixed ServerCapabilities. What it costs per RPC is the framework floor
 (h2 + grpclib + asyncio + protobuf) that reexecd's own overhead is compared against.
 
@@ -33,6 +34,8 @@ ServerCapabilities = fastpb.message_class(f"{REAPI}.ServerCapabilities")
 GetCapabilitiesRequest = fastpb.message_class(f"{REAPI}.GetCapabilitiesRequest")
 
 CHUNK = bytes(4096)
+BIG_CHUNK_BYTES = 1 << 20
+BIG_CHUNK = bytes(BIG_CHUNK_BYTES)
 
 
 CROSS = False
@@ -80,9 +83,19 @@ class Echo:
         await stream.send_message(fastpb.WriteResponse(committed_size=size))
 
     async def read(self, stream: Stream) -> None:
-        await stream.recv_message()
+        request = await stream.recv_message()
         await maybe_cross()
-        await stream.send_message(fastpb.ReadResponse(data=CHUNK))
+        size = int(request.resource_name.rpartition("/")[2] or 0)
+        if size <= len(CHUNK):
+            await stream.send_message(fastpb.ReadResponse(data=CHUNK))
+            return
+        # A large blob: `size` bytes of zeros in 1 MiB responses (the floor of a bulk Read: the
+        # same stack sending from memory).
+        sent = 0
+        while sent < size:
+            n = min(BIG_CHUNK_BYTES, size - sent)
+            await stream.send_message(fastpb.ReadResponse(data=BIG_CHUNK[:n]))
+            sent += n
 
     async def get_action_result(self, stream: Stream) -> None:
         await stream.recv_message()
