@@ -64,6 +64,8 @@ KNOWN = {
     "gar",
     "gcfreeze",
     "nogc",
+    "gc50k",
+    "gc10k",
 }
 
 
@@ -72,6 +74,18 @@ def patch_gcfreeze() -> None:
 
     gc.freeze()  # what was allocated at start-up is never scanned again
     gc.set_threshold(50_000, 50, 1000)
+
+
+def patch_gc50k() -> None:
+    import gc
+
+    gc.set_threshold(50_000, 10, 10)
+
+
+def patch_gc10k() -> None:
+    import gc
+
+    gc.set_threshold(10_000, 10, 10)
 
 
 def patch_nogc() -> None:
@@ -481,6 +495,8 @@ def apply(patches: set[str]) -> None:
     for name in (
         "gcfreeze",
         "nogc",
+        "gc50k",
+        "gc10k",
         "malloc",
         "repr",
         "frame",

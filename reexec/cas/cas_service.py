@@ -116,11 +116,13 @@ class CasService(Service):
         add = response.missing_blob_digests.add
         chunked = len(wire) > FIND_MISSING_CHUNK
         reported: set[Digest] = set()
+        # Read out of the wire messages once (slicing a upb repeated field costs as much).
+        hashes, sizes = [d.hash for d in wire], [d.size_bytes for d in wire]
         for start in range(0, len(wire), FIND_MISSING_CHUNK):
             if start:
                 await trio.lowlevel.checkpoint()
-            part = wire[start : start + FIND_MISSING_CHUNK] if chunked else wire
-            digests = _wire_digests(part, function)
+            end = start + FIND_MISSING_CHUNK
+            digests = make_digests(hashes[start:end], sizes[start:end], function)
             for d in await self.cas.find_missing(digests):
                 if chunked:
                     # Each chunk's answer is free of duplicates; across chunks it may not be.

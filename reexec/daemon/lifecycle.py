@@ -26,6 +26,7 @@ from typing import Protocol
 
 import trio
 
+from reexec.daemon import tuning
 from reexec.daemon.config import Config, ConfigError, load_config
 from reexec.daemon.logs import setup_logging
 from reexec.daemon.sdnotify import Notifier
@@ -92,6 +93,7 @@ class Lifecycle:
                 nursery.start_soon(self.notifier.run_watchdog)
                 nursery.start_soon(self._drain_when_requested, role, nursery.cancel_scope)
                 self._ready.set()
+                tuning.freeze_startup_objects()
                 self.notifier.ready(role.ready_message())
                 task_status.started(role)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,29 @@ def quiet_frame_repr() -> None:
     hf.DataFrame._body_repr = lambda self: f"<{len(self.data)} bytes>"  # type: ignore[method-assign]
 
 
+# The cycle collector's generation-0 threshold (CPython's default: 700 allocations). A server
+# request can allocate tens of thousands of objects (a 10,000-digest FindMissingBlobs builds two
+# Digest records each): at 700 every request is interrupted by dozens of young collections whose
+# survivors - the request's own live objects - are promoted until a full collection runs over
+# the whole heap (every Digest the CAS index holds). That made every fifth such request take
+# 2.5x as long (bench/RESULTS.md). Nothing here relies on prompt cycle collection.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def freeze_startup_objects() -> None:
+    """Move everything allocated so far (modules, classes, a CAS index read at start-up) out of
+    the collector's view: full collections then scan only what the process allocated since.
+    Called once the daemon is ready; frozen objects still die by reference counting."""
+    gc.collect()
+    gc.freeze()
+
+
 def apply() -> None:
     tuned = tune_malloc()
+    tune_gc()
     quiet_frame_repr()
     log.debug("malloc thresholds %s", "raised" if tuned else "unchanged (not glibc)")
