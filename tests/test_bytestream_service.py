@@ -334,3 +334,14 @@ async def test_small_read_is_one_get_bytes_and_one_response(daemon, stub, monkey
     with pytest.raises(GRPCError) as e:
         await read_all(stub, f"blobs/{digest_path(b'not there')}")
     assert e.value.status is Status.NOT_FOUND
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16383, 16384, 1 << 20, (1 << 21) + 3])
+def test_read_response_wire_is_the_protobuf_encoding(size: int) -> None:
+    from reexec import fastpb
+    from reexec.cas.bytestream_service import ReadResponseWire
+
+    data = os.urandom(size)
+    wire = ReadResponseWire(data).SerializeToString()
+    assert wire == fastpb.ReadResponse(data=data).SerializeToString()
+    assert fastpb.ReadResponse.FromString(wire).data == data
