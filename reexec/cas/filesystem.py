@@ -686,14 +686,29 @@ class FilesystemStore(Store):
         if self._ledger is not None:
             await self._put_shared(digest, data)
             return
-        async with self._mutate:
-            if digest.size <= INLINE_IO_LIMIT and self.write_cost.inline():
+        small = digest.size <= INLINE_IO_LIMIT
+        if small and self.write_cost.inline():
+            async with self._mutate:
                 self.write_cost.note(self._write_small(digest, data))
-            elif digest.size <= INLINE_IO_LIMIT:
-                self.write_cost.note(await trio.to_thread.run_sync(self._write_small, digest, data))
-            else:
-                await trio.to_thread.run_sync(self._write_whole, digest, data)
-            await self._add(digest)
+                await self._add(digest)
+            return
+        # The temp file is written without the lock, so uploads write in parallel (creating a
+        # file can take a millisecond of kernel time); only the install needs the lock. Its
+        # bytes are reserved meanwhile, as an upload's are.
+        if not self._lru.try_reserve(digest.size):
+            raise ResourceExhausted(
+                f"blob {digest.blob_path}: uploads in progress already reserve "
+                f"{self._lru.reserved_bytes} of this CAS's {self._lru.max_bytes} bytes; retry later"
+            )
+        try:
+            started = time.perf_counter()
+            tmp, _ = await trio.to_thread.run_sync(self._write_temp, digest, data)
+        except BaseException:
+            self._lru.release(digest.size)
+            raise
+        if small:
+            self.write_cost.note(time.perf_counter() - started)  # with the hop: a rough figure
+        await self._install_local(tmp, digest, reserved=digest.size)
 
     def put_bytes_nowait(self, digest: Digest, data: bytes) -> bool:
         """Small blobs only, on an unshared store, when nothing is being installed or evicted
@@ -822,20 +837,34 @@ class FilesystemStore(Store):
             # A hardlinked file keeps its old mtime: the install sets it to now.
             await self._install_or_remove(tmp, digest, None)
             return True
+        await self._install_local(tmp, digest)
+        return True
+
+    async def _install_local(self, tmp: str | None, digest: Digest, reserved: int = 0) -> None:
+        """Install a complete temp file as `digest` under the lock (unshared store), unless the
+        blob was stored meanwhile; the temp file is removed if it was not taken. `reserved`
+        bytes (the caller's `try_reserve`) are released exactly once."""
         try:
             async with self._mutate:
+                # The bytes move from reserved to stored (in _add) without leaving the count.
+                self._lru.release(reserved)
+                reserved = 0
                 if self._lru.touch(digest):
-                    return True  # stored meanwhile; tmp is removed below
-                await trio.to_thread.run_sync(self._install, tmp, digest)
+                    return  # stored meanwhile; tmp is removed below
+                if self.write_cost.inline() and not self._fsync:
+                    self._install(tmp, digest)  # a rename: cheap where small writes are
+                else:
+                    await trio.to_thread.run_sync(self._install, tmp, digest)
                 tmp = None
                 await self._add(digest)
         finally:
+            if reserved:  # cancelled while waiting for the lock
+                self._lru.release(reserved)
             if tmp is not None:
                 # Bounded; an unlink the bound abandons finishes in its thread, and a temp
                 # file left behind is removed by the next start's scan of tmp/.
                 with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
                     await trio.to_thread.run_sync(_remove_quietly, tmp, abandon_on_cancel=True)
-        return True
 
     def _take_verified(self, digest: Digest, source: str) -> str:
         """A temp file holding `source` (the same inode where possible), proven to match."""
