@@ -31,6 +31,27 @@ class SizePartitionStore(Store):
         missing.update(await self.large.find_missing(large) if large else [])
         return [d for d in digests if d in missing]
 
+    def find_missing_nowait(self, digests: Sequence[Digest]) -> list[Digest] | None:
+        digests = dedupe(digests)
+        small = [d for d in digests if d.size <= self.threshold]
+        large = [d for d in digests if d.size > self.threshold]
+        missing: set[Digest] = set()
+        for store, part in ((self.small, small), (self.large, large)):
+            if part:
+                answer = store.find_missing_nowait(part)
+                if answer is None:
+                    return (
+                        None  # the other store's touches are harmless: the async path repeats them
+                    )
+                missing.update(answer)
+        return [d for d in digests if d in missing]
+
+    def get_bytes_nowait(self, digest: Digest) -> bytes | None:
+        return self._for(digest).get_bytes_nowait(digest)
+
+    def put_bytes_nowait(self, digest: Digest, data: bytes) -> bool:
+        return self._for(digest).put_bytes_nowait(digest, data)
+
     def open_read(self, digest: Digest, offset: int = 0) -> AbstractAsyncContextManager[BlobReader]:
         return self._for(digest).open_read(digest, offset)
 
