@@ -41,6 +41,25 @@ def _inline_wanted(
     return wanted
 
 
+def _inline_steps(  # type: ignore[no-untyped-def]
+    result: fastpb.Message, request: fastpb.Message, function: DigestFunction, budget: int
+):
+    """Inlining as a generator, so one body serves the async and the nowait GetActionResult:
+    yields the Digest of each blob to inline (within `budget` bytes in total) and is sent its
+    bytes, or None when the CAS does not have it."""
+    for target, field, wire in _inline_wanted(result, request):
+        if wire.size_bytes > budget or not wire.hash:
+            continue
+        try:
+            digest = make_digest(wire.hash, wire.size_bytes, int(function))
+        except InvalidArgument:
+            continue
+        data = yield digest
+        if data is not None:
+            setattr(target, field, data)
+            budget -= len(data)
+
+
 class ActionCacheService(Service):
     SERVICE = "build.bazel.remote.execution.v2.ActionCache"
 
@@ -106,20 +125,20 @@ class ActionCacheService(Service):
             raise NotFound(f"no action cache entry for {digest.blob_path}")
         result = fastpb.ActionResult.FromString(data)
         if request.inline_stdout or request.inline_stderr or request.inline_output_files:
-            budget = self.max_inline_bytes
-            for target, field, wire in _inline_wanted(result, request):
-                if wire.size_bytes > budget or not wire.hash:
-                    continue
-                try:
-                    blob = self.cas.get_bytes_nowait(
-                        make_digest(wire.hash, wire.size_bytes, int(digest.function))
-                    )
-                except (BlobNotFound, InvalidArgument):
-                    continue
-                if blob is None:
-                    return SLOW
-                setattr(target, field, blob)
-                budget -= len(blob)
+            steps = _inline_steps(result, request, digest.function, self.max_inline_bytes)
+            blob: bytes | None = None
+            try:
+                while True:
+                    wanted = steps.send(blob)
+                    try:
+                        blob = self.cas.get_bytes_nowait(wanted)
+                    except BlobNotFound:
+                        blob = None
+                    else:
+                        if blob is None:
+                            return SLOW
+            except StopIteration:
+                pass
         self.hits += 1
         return result
 
@@ -127,18 +146,17 @@ class ActionCacheService(Service):
         self, result: fastpb.Message, request: fastpb.Message, function: DigestFunction
     ) -> None:
         """Fill *_raw / contents the client asked for, within `max_inline_bytes` in total."""
-        budget = self.max_inline_bytes
-        for target, field, wire in _inline_wanted(result, request):
-            if wire.size_bytes > budget or not wire.hash:
-                continue
-            try:
-                data = await self.cas.get_bytes(
-                    make_digest(wire.hash, wire.size_bytes, int(function))
-                )
-            except (BlobNotFound, InvalidArgument):
-                continue
-            setattr(target, field, data)
-            budget -= len(data)
+        steps = _inline_steps(result, request, function, self.max_inline_bytes)
+        blob: bytes | None = None
+        try:
+            while True:
+                wanted = steps.send(blob)
+                try:
+                    blob = await self.cas.get_bytes(wanted)
+                except BlobNotFound:
+                    blob = None
+        except StopIteration:
+            pass
 
     async def update_action_result(self, request: fastpb.Message, stream: Stream | None = None):  # type: ignore[no-untyped-def]
         check_instance(self.instances, request.instance_name)

@@ -143,14 +143,12 @@ class FilesystemActionCache(ActionCache):
         return found
 
     async def get(self, key: ActionKey) -> bytes | None:
-        rel = self._rel_path(key)
-        if not self._lru.touch(rel):
-            return None
-        size = self._lru.size_of(rel)
-        if size is not None and size <= INLINE_READ_LIMIT:
-            data = self._read(rel)
-        else:
-            data = await trio.to_thread.run_sync(self._read, rel)
+        data = self.get_nowait(key)
+        if data is not WOULD_BLOCK:
+            return data  # bytes, or None for a miss
+        rel = self._rel_path(key)  # a large entry: read in a thread
+        self._lru.touch(rel)
+        data = await trio.to_thread.run_sync(self._read, rel)
         if data is None:
             self._lru.remove(rel)
         return data

@@ -283,23 +283,40 @@ class FilesystemStore(Store):
                 self._used[d] = t
         return missing
 
-    def _check_shared_nowait(
-        self, digests: Sequence[Digest], *, verify: bool = False
-    ) -> list[Digest] | None:
-        """`_check_shared`'s answer when at most INLINE_CHECKS files need a system call (done
-        inline), else None."""
-        recent = time.time_ns() + 1 if verify else time.time_ns() - TOUCH_INTERVAL_NS
+    def _not_recent(self, digests: Sequence[Digest], verify: bool) -> tuple[int, list[Digest]]:
+        """The recency bound and the digests whose files must be checked: those this process
+        did not use within TOUCH_INTERVAL_NS (with `verify`, all of them)."""
+        now = time.time_ns()
+        recent = now + 1 if verify else now - TOUCH_INTERVAL_NS
         used_at = self._used
-        check = [d for d in digests if used_at.get(d, 0) < recent]
-        if len(check) > INLINE_CHECKS:
-            return None
-        used = self._use_all(check) if check else []
+        return recent, [d for d in digests if used_at.get(d, 0) < recent]
+
+    def _settle_check(
+        self,
+        digests: Sequence[Digest],
+        recent: int,
+        check: list[Digest],
+        used: list[int | None],
+    ) -> list[Digest]:
+        """Touch the recently used digests in the index, apply `_use_all`'s answers for the
+        checked ones; returns the missing ones."""
         if len(check) < len(digests):
+            used_at = self._used
             touch = self._lru.touch
             for d in digests:
                 if used_at.get(d, 0) >= recent:
                     touch(d)
         return self._note_uses(check, used)
+
+    def _check_shared_nowait(
+        self, digests: Sequence[Digest], *, verify: bool = False
+    ) -> list[Digest] | None:
+        """`_check_shared`'s answer when at most INLINE_CHECKS files need a system call (done
+        inline), else None."""
+        recent, check = self._not_recent(digests, verify)
+        if len(check) > INLINE_CHECKS:
+            return None
+        return self._settle_check(digests, recent, check, self._use_all(check) if check else [])
 
     async def _check_shared(
         self, digests: Sequence[Digest], *, verify: bool = False
@@ -312,23 +329,12 @@ class FilesystemStore(Store):
         may be (a client whose Execute then finds it missing uploads it again) but a write
         must not: "already stored" would drop the upload.
         """
-        now = time.time_ns()
-        # With `verify` nothing counts as recent: every digest is checked at its file.
-        recent = now + 1 if verify else now - TOUCH_INTERVAL_NS
-        used_at = self._used
-        check = [d for d in digests if used_at.get(d, 0) < recent]
-        if not check:
-            used: list[int | None] = []
-        elif len(check) <= INLINE_CHECKS:
-            used = self._use_all(check)
+        recent, check = self._not_recent(digests, verify)
+        if len(check) <= INLINE_CHECKS:
+            used = self._use_all(check) if check else []
         else:
             used = await trio.to_thread.run_sync(self._use_all, check)
-        if len(check) < len(digests):
-            touch = self._lru.touch
-            for d in digests:
-                if used_at.get(d, 0) >= recent:
-                    touch(d)
-        return self._note_uses(check, used)
+        return self._settle_check(digests, recent, check, used)
 
     async def _present(self, digest: Digest, *, verify: bool = False) -> bool:
         """Whether the blob is stored, marking it used (by the index, or the file if shared;
@@ -675,12 +681,15 @@ class FilesystemStore(Store):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         return fd, path
 
-    async def put_bytes(self, digest: Digest, data: bytes) -> None:
+    def _check_put(self, digest: Digest, data: bytes) -> None:
         check_blob_size(digest, self._max_blob)
         if len(data) != digest.size:
             raise InvalidArgument(
                 f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
             )
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        self._check_put(digest, data)
         if is_empty(digest) or await self._present(digest, verify=True):
             return
         if self._ledger is not None:
@@ -722,11 +731,7 @@ class FilesystemStore(Store):
             or self._lru.over_capacity(digest.size)
         ):
             return False
-        check_blob_size(digest, self._max_blob)
-        if len(data) != digest.size:
-            raise InvalidArgument(
-                f"blob {digest.blob_path}: got {len(data)} bytes, the digest says {digest.size}"
-            )
+        self._check_put(digest, data)
         if is_empty(digest) or self._lru.touch(digest):
             return True
         self.write_cost.note(self._write_small(digest, data))

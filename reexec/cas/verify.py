@@ -34,6 +34,17 @@ def _mismatch(digest: Digest, actual_hash: str) -> InvalidArgument:
     )
 
 
+def _check_length(digest: Digest, data: bytes) -> None:
+    if len(data) != digest.size:
+        raise InvalidArgument(f"size mismatch for {digest.blob_path}: got {len(data)} bytes")
+
+
+def _check_hash(digest: Digest, hasher: Hasher) -> None:
+    actual = hasher.hexdigest()
+    if actual != digest.hash:
+        raise _mismatch(digest, actual)
+
+
 class VerifyingStore(Store):
     def __init__(self, inner: Store) -> None:
         self.inner = inner
@@ -51,13 +62,10 @@ class VerifyingStore(Store):
         return _VerifyingWriter(digest, await self.inner.open_write(digest))
 
     async def put_bytes(self, digest: Digest, data: bytes) -> None:
-        if len(data) != digest.size:
-            raise InvalidArgument(f"size mismatch for {digest.blob_path}: got {len(data)} bytes")
+        _check_length(digest, data)
         hasher = new_hasher(digest.function)
         await hash_chunk(hasher, data)
-        actual = hasher.hexdigest()
-        if actual != digest.hash:
-            raise _mismatch(digest, actual)
+        _check_hash(digest, hasher)
         await self.inner.put_bytes(digest, data)
 
     def find_missing_nowait(self, digests: Sequence[Digest]) -> list[Digest] | None:
@@ -70,13 +78,10 @@ class VerifyingStore(Store):
         # Only what hashes inline; larger blobs take the async path (hashed in a thread).
         if len(data) > INLINE_HASH_LIMIT:
             return False
-        if len(data) != digest.size:
-            raise InvalidArgument(f"size mismatch for {digest.blob_path}: got {len(data)} bytes")
+        _check_length(digest, data)
         hasher = new_hasher(digest.function)
         hasher.update(data)
-        actual = hasher.hexdigest()
-        if actual != digest.hash:
-            raise _mismatch(digest, actual)
+        _check_hash(digest, hasher)
         return self.inner.put_bytes_nowait(digest, data)
 
     def max_blob_bytes(self) -> int | None:
