@@ -516,6 +516,7 @@ class Scheduler:
             return await self._adopt(worker, attempts, pending)
         finally:
             worker.adopting = False
+            self._wake.set()  # its free slots are known now
 
     async def _adopt(
         self,

@@ -33,7 +33,9 @@ class WorkerState:
     disconnect: Callable[[str], None] = field(default=lambda reason: None)
 
     def free_slots(self, now: float) -> int:
-        if self.going_away or now < self.paused_until:
+        # While its attempts are being adopted `running` is incomplete: a start sent now would
+        # find the slots taken and be declined (seen in tests/e2e/test_scheduler_ha.py).
+        if self.going_away or self.adopting or now < self.paused_until:
             return 0
         return max(self.max_inflight - len(self.running), 0)
 

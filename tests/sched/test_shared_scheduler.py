@@ -222,3 +222,24 @@ async def test_an_attempt_being_adopted_is_not_taken_for_a_lost_dispatch(pair: P
     op = await pair.b.store.get(name)
     assert op is not None and op.stage is Stage.QUEUED
     assert "was never given this attempt" in op.history[-1]
+
+
+async def test_a_worker_being_adopted_is_given_no_new_work(pair: Pair) -> None:
+    """Its `running` is incomplete until adoption ends: a start sent meanwhile found the slot
+    taken by an attempt it brought along and was declined (a retry: attempts=2)."""
+    running = await queued_op(pair.a, "running")
+    w, inbox = connect(pair.a, "w1")  # one slot
+    await pair.a.dispatch_ready()
+    assert drained(inbox) == [("start", running, 1)]
+    del pair.a.workers["w1"]  # A dies; the worker registers with B, still running it
+    waiting = await queued_op(pair.b, "waiting")
+    w2, inbox2 = connect(pair.b, "w1")
+    w2.adopting = True  # between Register and the end of adopt()
+    assert await pair.b.dispatch_ready() == 0
+    assert drained(inbox2) == []
+    w2.adopting = False
+    assert await pair.b.adopt(w2, [(running, 1)]) == []
+    assert await pair.b.dispatch_ready() == 0  # its one slot is the adopted attempt's
+    await pair.b.finished(w2, running, 1, Outcome(result=b"r"), retryable=False)
+    assert await pair.b.dispatch_ready() == 1
+    assert drained(inbox2) == [("start", waiting, 1)]
